@@ -1,0 +1,133 @@
+"""Key storage policy of one layer: QJL-committed groups + an exact residual buffer."""
+
+from __future__ import annotations
+
+import torch
+
+import qjl_kernel
+from qjl_kernel import QuantizedKeys
+
+from .config import LayerBudget
+from .growable import GrowableTensors
+from .sketch import QJLSketch
+
+
+def select_outliers(grouped_keys: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` channels of largest norm over each group's tokens.
+
+    grouped_keys ``[B, H, N, G, d]`` -> uint8 ``[B, H, N, count]``.
+    """
+    norms = grouped_keys.float().norm(dim=-2)  # [B, H, N, d]
+    return norms.topk(count, dim=-1).indices.to(torch.uint8)
+
+
+class QJLKeyStore:
+    """Keys of one layer.
+
+    New keys enter an exact residual buffer. :meth:`commit` moves every complete block of
+    ``buffer_size`` tokens (in groups of ``group_size``) into the QJL state: each group picks its
+    ``outlier_count`` largest-norm channels, then every key is sketched (inlier and outlier
+    parts). Tokens marked invalid (padding) are zeroed first, so they affect neither the outlier
+    choice nor any stored norm, and score 0.
+
+    State: ``quantized`` (:class:`QuantizedKeys`, ``T_c = num_committed`` tokens) and ``residual``
+    (``[B, H_kv, R, d]`` in the keys' dtype, ``R < buffer_size`` between steps).
+    """
+
+    def __init__(self, sketch: QJLSketch, budget: LayerBudget, group_size: int, buffer_size: int) -> None:
+        if sketch.sketch_dim != budget.sketch_dim:
+            raise ValueError(f"sketch has m={sketch.sketch_dim} but the budget asks for m={budget.sketch_dim}")
+        if buffer_size % group_size:
+            raise ValueError(f"buffer_size ({buffer_size}) must be a multiple of group_size ({group_size})")
+        self.sketch = sketch
+        self.budget = budget
+        self.group_size = group_size
+        self.buffer_size = buffer_size
+        self._committed = GrowableTensors(dim=2)
+        self.residual: torch.Tensor | None = None
+        self.residual_valid: torch.Tensor | None = None  # bool [B, R]
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def num_committed(self) -> int:
+        return len(self._committed) * self.group_size
+
+    @property
+    def num_residual(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[2]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_committed + self.num_residual
+
+    @property
+    def quantized(self) -> QuantizedKeys | None:
+        views = self._committed.views()
+        return None if views is None else QuantizedKeys(*views)
+
+    # --- updates -----------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add keys ``[B, H_kv, L, d]`` to the residual; ``valid`` is bool ``[B, L]`` (None = all)."""
+        if valid is None:
+            valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        if self.residual is None:
+            self.residual, self.residual_valid = keys, valid
+        else:
+            self.residual = torch.cat([self.residual, keys], dim=2)
+            self.residual_valid = torch.cat([self.residual_valid, valid], dim=1)
+
+    def quantize(self, keys: torch.Tensor, valid: torch.Tensor) -> QuantizedKeys:
+        """Quantize ``[B, H_kv, n, d]`` keys (``n`` a multiple of group_size) without storing them."""
+        batch, heads, tokens, dim = keys.shape
+        keys = keys.masked_fill(~valid[:, None, :, None], 0)
+        grouped = keys.reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
+        outliers = select_outliers(grouped, self.budget.outlier_count)
+        projection = self.sketch.projection_on(keys.device)
+        return qjl_kernel.quantize_keys(grouped, outliers, projection, self.budget.outlier_sketch_dim)
+
+    def commit(self, keep: int = 0) -> int:
+        """Commit the largest multiple of buffer_size residual tokens that leaves at least ``keep``
+        tokens in the residual; returns the number committed."""
+        count = (max(self.num_residual - keep, 0) // self.buffer_size) * self.buffer_size
+        if count:
+            self._committed.append(tuple(self.quantize(self.residual[:, :, :count], self.residual_valid[:, :count])))
+            self.residual = self.residual[:, :, count:]
+            self.residual_valid = self.residual_valid[:, count:]
+        return count
+
+    # --- scores ------------------------------------------------------------------------------
+    def committed_scores(self, query: torch.Tensor) -> torch.Tensor | None:
+        """QJL estimates for the committed keys: query ``[B, H_q, L, d]`` -> float32 ``[B, H_q, L, T_c]``."""
+        state = self.quantized
+        if state is None:
+            return None
+        return qjl_kernel.key_scores(query, state, self.sketch.projection_on(query.device))
+
+    def residual_scores(self, query: torch.Tensor) -> torch.Tensor | None:
+        """Exact ``<q, k>`` for the residual keys, float32 ``[B, H_q, L, R]``."""
+        if self.residual is None or self.num_residual == 0:
+            return None
+        return exact_scores(query, self.residual)
+
+    # --- memory ------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        residual = 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
+        return self._committed.nbytes() + residual
+
+    def committed_nbytes(self) -> int:
+        return self._committed.nbytes()
+
+    def reorder_batch(self, index: torch.Tensor) -> None:
+        self._committed.apply(lambda t: t.index_select(0, index.to(t.device)))
+        if self.residual is not None:
+            self.residual = self.residual.index_select(0, index.to(self.residual.device))
+            self.residual_valid = self.residual_valid.index_select(0, index.to(self.residual.device))
+
+
+def exact_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """float32 ``q . k`` with GQA: query ``[B, H_q, L, d]``, keys ``[B, H_kv, T, d]`` -> ``[B, H_q, L, T]``."""
+    batch, q_heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
+    scores = q @ keys.float().unsqueeze(2).transpose(-1, -2)
+    return scores.view(batch, q_heads, length, keys.shape[2])

@@ -1,0 +1,37 @@
+"""QJL ops: 1-bit quantized JL sketches of keys and grouped low-bit values.
+
+Four ops, each with a pure-PyTorch reference (:mod:`qjl_kernel.reference`) that is the spec and
+the CPU path:
+
+- :func:`quantize_keys`   keys -> sign bits of ``S k_in`` and ``S[:m_o] k_out`` + norms
+- :func:`key_scores`      query x stored keys -> unbiased estimates of ``<q, k>`` (MHA and GQA)
+- :func:`quantize_values` values -> packed 2/4-bit codes, per-group scales and mins
+- :func:`value_matmul`    weights x dequant(values), GQA-aware
+
+:func:`backend_for` says which implementation runs for given tensors.
+"""
+
+from .ops import (
+    backend_for,
+    dequantize_keys,
+    dequantize_values,
+    key_scores,
+    quantize_keys,
+    quantize_values,
+    value_matmul,
+)
+from .reference import QJL_SCALE
+from .types import QuantizedKeys, QuantizedValues
+
+__all__ = [
+    "QJL_SCALE",
+    "QuantizedKeys",
+    "QuantizedValues",
+    "backend_for",
+    "dequantize_keys",
+    "dequantize_values",
+    "key_scores",
+    "quantize_keys",
+    "quantize_values",
+    "value_matmul",
+]

@@ -1,0 +1,155 @@
+"""Argument checks for the public ops. Messages name the offending argument."""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import SUPPORTED_VALUE_BITS
+from .types import QuantizedKeys, QuantizedValues
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def tensor(name: str, value, *, rank: int | tuple[int, ...] | None = None, dtypes=None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if ranks is not None and value.dim() not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{name} must have rank {want}, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+
+
+def floating(name: str, value, rank=None) -> None:
+    tensor(name, value, rank=rank, dtypes=_FLOAT_DTYPES)
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def positive_multiple(name: str, value, multiple: int, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero) or value % multiple:
+        least = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {least} multiple of {multiple}, got {value}")
+
+
+def projection(value, head_dim: int) -> None:
+    floating("projection", value, rank=2)
+    if value.shape[1] != head_dim:
+        raise ValueError(f"projection must be [m, {head_dim}] to match head_dim, got {tuple(value.shape)}")
+    positive_multiple("projection.shape[0] (sketch size m)", value.shape[0], 8)
+
+
+def value_bits(bits) -> None:
+    if bits not in SUPPORTED_VALUE_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_VALUE_BITS}, got {bits!r}")
+
+
+def group_size_divides(group_size, dim: int) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size <= 0 or dim % group_size:
+        raise ValueError(f"group_size must be a positive divisor of head_dim {dim}, got {group_size}")
+
+
+def quantize_keys_args(keys, outlier_indices, proj, outlier_sketch_dim) -> None:
+    floating("keys", keys, rank=5)
+    tensor("outlier_indices", outlier_indices, rank=4, dtypes=_INDEX_DTYPES)
+    dim = keys.shape[-1]
+    projection(proj, dim)
+    same_device(keys=keys, outlier_indices=outlier_indices, projection=proj)
+    if outlier_indices.shape[:3] != keys.shape[:3]:
+        raise ValueError(
+            f"outlier_indices must be [B, H_kv, n_groups, n_out] matching keys {tuple(keys.shape[:3])}, "
+            f"got {tuple(outlier_indices.shape)}"
+        )
+    n_out = outlier_indices.shape[-1]
+    if n_out > dim:
+        raise ValueError(f"outlier_indices has {n_out} channels per group, more than head_dim {dim}")
+    if n_out and outlier_indices.numel():
+        low, high = int(outlier_indices.min()), int(outlier_indices.max())
+        if low < 0 or high >= dim:
+            raise ValueError(f"outlier_indices must lie in [0, {dim}), got values in [{low}, {high}]")
+    positive_multiple("outlier_sketch_dim", outlier_sketch_dim, 8, allow_zero=True)
+    if outlier_sketch_dim > proj.shape[0]:
+        raise ValueError(
+            f"outlier_sketch_dim ({outlier_sketch_dim}) must not exceed the sketch size m ({proj.shape[0]})"
+        )
+    if n_out and not outlier_sketch_dim:
+        raise ValueError("outlier_sketch_dim must be > 0 when outlier_indices selects channels")
+
+
+def quantized_keys(keys) -> None:
+    if not isinstance(keys, QuantizedKeys):
+        raise TypeError(f"keys must be a QuantizedKeys, got {type(keys).__name__}")
+    tensor("keys.bits", keys.bits, rank=5, dtypes=(torch.uint8,))
+    tensor("keys.outlier_bits", keys.outlier_bits, rank=5, dtypes=(torch.uint8,))
+    floating("keys.inlier_norms", keys.inlier_norms, rank=4)
+    floating("keys.outlier_norms", keys.outlier_norms, rank=4)
+    tensor("keys.outlier_indices", keys.outlier_indices, rank=4, dtypes=(torch.uint8,))
+    lead = keys.bits.shape[:4]
+    for name in ("outlier_bits", "inlier_norms", "outlier_norms"):
+        if getattr(keys, name).shape[:4] != lead:
+            raise ValueError(f"keys.{name} must share [B, H_kv, n_groups, G] = {tuple(lead)} with keys.bits")
+    if keys.outlier_indices.shape[:3] != lead[:3]:
+        raise ValueError(f"keys.outlier_indices must be [B, H_kv, n_groups, n_out] with {tuple(lead[:3])}")
+
+
+def key_scores_args(query, keys, proj) -> None:
+    floating("query", query, rank=(3, 4))
+    quantized_keys(keys)
+    projection(proj, query.shape[-1])
+    same_device(query=query, bits=keys.bits, projection=proj)
+    if proj.shape[0] != keys.sketch_dim:
+        raise ValueError(f"projection has {proj.shape[0]} rows but keys were sketched with m = {keys.sketch_dim}")
+    if keys.outlier_sketch_dim > keys.sketch_dim:
+        raise ValueError("keys.outlier_bits is longer than keys.bits: outlier sketch larger than m")
+    batch, q_heads = query.shape[:2]
+    if keys.bits.shape[0] != batch:
+        raise ValueError(f"query batch {batch} does not match keys batch {keys.bits.shape[0]}")
+    kv_heads = keys.bits.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+
+
+def quantize_values_args(values, group_size, bits) -> None:
+    floating("values", values)
+    if values.dim() < 2:
+        raise ValueError(f"values must be [..., T, d], got shape {tuple(values.shape)}")
+    value_bits(bits)
+    dim = values.shape[-1]
+    group_size_divides(group_size, dim)
+    per_word = 32 // bits
+    if dim % per_word:
+        raise ValueError(f"values head_dim {dim} must be a multiple of {per_word} to pack {bits}-bit codes")
+
+
+def value_matmul_args(weights, values) -> None:
+    floating("weights", weights, rank=4)
+    if not isinstance(values, QuantizedValues):
+        raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
+    value_bits(values.bits)
+    tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
+    floating("values.scales", values.scales, rank=4)
+    floating("values.mins", values.mins, rank=4)
+    same_device(weights=weights, codes=values.codes)
+    batch, kv_heads, tokens = values.codes.shape[:3]
+    groups = values.head_dim // values.group_size if values.group_size > 0 else -1
+    if values.scales.shape != (batch, kv_heads, tokens, groups) or values.mins.shape != values.scales.shape:
+        raise ValueError(
+            f"values.scales / values.mins must be {(batch, kv_heads, tokens, groups)}, "
+            f"got {tuple(values.scales.shape)} / {tuple(values.mins.shape)}"
+        )
+    if weights.shape[0] != batch or weights.shape[-1] != tokens:
+        raise ValueError(
+            f"weights must be [B={batch}, H_q, L, T={tokens}] to match values, got {tuple(weights.shape)}"
+        )
+    if weights.shape[1] % kv_heads:
+        raise ValueError(f"weights heads ({weights.shape[1]}) must be a multiple of KV heads ({kv_heads})")

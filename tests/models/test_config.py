@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from models import QJLConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_paper_configuration():
+    c = QJLConfig()
+    assert (c.key_quantization_bits, c.key_quantization_bits_initial_layers, c.initial_layers_count) == (256, 512, 15)
+    assert (c.outlier_count_general, c.outlier_count_initial_layers) == (8, 8)
+    assert (c.outlier_sketch_dim_general, c.outlier_sketch_dim_initial_layers) == (256, 128)
+    assert (c.value_quantization_bits, c.group_size, c.buffer_size, c.seed) == (2, 32, 128, 42)
+    assert QJLConfig.from_json(ROOT / "config/qjl_paper_llama2.json") == c
+
+
+def test_layer_budget():
+    c = QJLConfig()
+    assert tuple(c.layer_budget(0)) == (512, 8, 128)
+    assert tuple(c.layer_budget(14)) == (512, 8, 128)
+    assert tuple(c.layer_budget(15)) == (256, 8, 256)
+    assert tuple(QJLConfig(outlier_count_general=0).layer_budget(20)) == (256, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(key_quantization_bits=100), "key_quantization_bits"),
+        (dict(key_quantization_bits_initial_layers=0), "key_quantization_bits_initial_layers"),
+        (dict(outlier_sketch_dim_general=12), "outlier_sketch_dim_general"),
+        (dict(outlier_sketch_dim_general=512), "outlier_sketch_dim_general"),
+        (dict(outlier_sketch_dim_initial_layers=0), "outlier_sketch_dim_initial_layers must be > 0"),
+        (dict(outlier_count_general=-1), "outlier_count_general"),
+        (dict(value_quantization_bits=3), "value_quantization_bits"),
+        (dict(buffer_size=100), "buffer_size"),
+        (dict(group_size=0), "group_size"),
+        (dict(initial_layers_count=-2), "initial_layers_count"),
+    ],
+)
+def test_invalid_combinations_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QJLConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config,head_dim,match",
+    [
+        (QJLConfig(), 300, "head_dim must be in"),
+        (QJLConfig(group_size=48, buffer_size=96), 64, "group_size"),
+        (QJLConfig(outlier_count_general=80), 64, "outlier_count_general"),
+        (QJLConfig(hadamard=True), 96, "power-of-two"),
+        (QJLConfig(group_size=8, buffer_size=128), 72, "multiple of 16"),
+    ],
+)
+def test_head_dim_checks(config, head_dim, match):
+    with pytest.raises(ValueError, match=match):
+        config.check_head_dim(head_dim)
+
+
+def test_unknown_preset_keys_are_an_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"key_quantization_bits": 256, "typo_bits": 3}')
+    with pytest.raises(ValueError, match="typo_bits"):
+        QJLConfig.from_json(path)

@@ -1,0 +1,97 @@
+"""Bad arguments raise ValueError/TypeError whose message names the argument."""
+
+import pytest
+import torch
+
+import qjl_kernel
+from qjl_kernel import QuantizedValues
+
+D, M = 64, 128
+
+
+def _keys(shape=(1, 2, 2, 8, D)):
+    return torch.randn(shape)
+
+
+def _outliers(n=4, shape=(1, 2, 2)):
+    return torch.zeros(*shape, n, dtype=torch.uint8) + torch.arange(n, dtype=torch.uint8)
+
+
+def _proj(m=M, d=D):
+    return torch.randn(m, d)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(keys=torch.randn(1, 2, 8, D)), ValueError, "keys must have rank 5"),
+        (dict(keys=torch.ones(1, 2, 2, 8, D, dtype=torch.int32)), TypeError, "keys must have dtype"),
+        (dict(keys=[1.0]), TypeError, "keys must be a torch.Tensor"),
+        (dict(outlier_indices=_outliers(shape=(1, 2, 3))), ValueError, "outlier_indices must be"),
+        (dict(outlier_indices=torch.zeros(1, 2, 2, 4)), TypeError, "outlier_indices must have dtype"),
+        (dict(outlier_indices=_outliers() + 100), ValueError, r"outlier_indices must lie in \[0, 64\)"),
+        (dict(projection=_proj(m=100)), ValueError, "sketch size m"),
+        (dict(projection=_proj(d=32)), ValueError, "projection must be"),
+        (dict(outlier_sketch_dim=12), ValueError, "outlier_sketch_dim"),
+        (dict(outlier_sketch_dim=256), ValueError, "outlier_sketch_dim"),
+        (dict(outlier_sketch_dim=0), ValueError, "outlier_sketch_dim must be > 0"),
+    ],
+)
+def test_quantize_keys_rejects(kwargs, error, match):
+    args = dict(keys=_keys(), outlier_indices=_outliers(), projection=_proj(), outlier_sketch_dim=64)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        qjl_kernel.quantize_keys(**args)
+
+
+def test_key_scores_rejects():
+    proj = _proj()
+    state = qjl_kernel.quantize_keys(_keys(), _outliers(), proj, 64)
+    with pytest.raises(ValueError, match="query must have rank"):
+        qjl_kernel.key_scores(torch.randn(D), state, proj)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        qjl_kernel.key_scores(torch.randn(1, 3, 1, D), state, proj)
+    with pytest.raises(ValueError, match="query batch"):
+        qjl_kernel.key_scores(torch.randn(2, 2, 1, D), state, proj)
+    with pytest.raises(ValueError, match="keys were sketched with m = 128"):
+        qjl_kernel.key_scores(torch.randn(1, 2, 1, D), state, _proj(m=256))
+    with pytest.raises(ValueError, match="projection must be"):
+        qjl_kernel.key_scores(torch.randn(1, 2, 1, 32), state, proj)
+    with pytest.raises(TypeError, match="keys must be a QuantizedKeys"):
+        qjl_kernel.key_scores(torch.randn(1, 2, 1, D), tuple(state), proj)
+    with pytest.raises(TypeError, match="keys.bits must have dtype"):
+        qjl_kernel.key_scores(torch.randn(1, 2, 1, D), state._replace(bits=state.bits.int()), proj)
+
+
+@pytest.mark.parametrize(
+    "values,group_size,bits,error,match",
+    [
+        (torch.randn(4, 64), 32, 3, ValueError, "bits must be one of"),
+        (torch.randn(4, 64), 24, 2, ValueError, "group_size must be a positive divisor"),
+        (torch.randn(4, 64), 0, 2, ValueError, "group_size"),
+        (torch.randn(4, 64), 32.0, 2, TypeError, "group_size must be an int"),
+        (torch.randn(64), 32, 2, ValueError, "values must be"),
+        (torch.randint(0, 3, (4, 64)), 32, 2, TypeError, "values must have dtype"),
+        (torch.randn(4, 24), 8, 2, ValueError, "multiple of 16"),
+    ],
+)
+def test_quantize_values_rejects(values, group_size, bits, error, match):
+    with pytest.raises(error, match=match):
+        qjl_kernel.quantize_values(values, group_size, bits)
+
+
+def test_value_matmul_rejects():
+    q = qjl_kernel.quantize_values(torch.randn(1, 2, 5, D), 32, 2)
+    with pytest.raises(ValueError, match="weights must be"):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 6), q)
+    with pytest.raises(ValueError, match="weights heads"):
+        qjl_kernel.value_matmul(torch.randn(1, 3, 1, 5), q)
+    with pytest.raises(ValueError, match="weights must have rank 4"):
+        qjl_kernel.value_matmul(torch.randn(2, 1, 5), q)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), q._replace(bits=3))
+    with pytest.raises(TypeError, match="values must be a QuantizedValues"):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), tuple(q))
+    bad = QuantizedValues(q.codes, q.scales[..., :1], q.mins, 2, 32)
+    with pytest.raises(ValueError, match="values.scales"):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), bad)
