@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import inspect
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedConfig
+from transformers import Cache, DynamicCache, PreTrainedConfig, QuantizedCache
 
+from .cache import KIVICache, QJLCache
 from .config import QJLConfig
+from .memory import MemoryReport
 
 METHODS = ("exact", "qjl", "kivi", "quanto")
 
 
-@dataclass(frozen=True)
-class MemoryReport:
-    """What a cache holds right now.
-
-    ``bits_per_channel``: bits per stored key/value channel of the compressed part, averaged over
-    keys and values and layers (16 for an fp16 exact cache); ``nbytes``: bytes of every tensor the
-    cache holds (compressed part, exact buffers, indices); ``fp16_nbytes``: what an fp16
-    DynamicCache would hold for the same tokens.
-    """
-
-    bits_per_channel: float
-    nbytes: int
-    fp16_nbytes: int
-
-    @property
-    def ratio_vs_fp16(self) -> float:
-        return self.fp16_nbytes / self.nbytes if self.nbytes else float("nan")
+def quanto_available() -> bool:
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 
 
 def make_cache(method: str, model_config: PreTrainedConfig, qjl_config: QJLConfig | None = None) -> Cache:
@@ -36,20 +24,34 @@ def make_cache(method: str, model_config: PreTrainedConfig, qjl_config: QJLConfi
 
     ``exact``: transformers' DynamicCache. ``qjl``: :class:`models.QJLCache` with ``qjl_config``
     (paper defaults when None). ``kivi``: :class:`models.KIVICache` with keys and values at
-    ``qjl_config.value_quantization_bits`` bits, its ``group_size`` and ``buffer_size`` (the KIVI
-    paper's residual length). ``quanto``: transformers' QuantizedCache (optimum-quanto backend).
+    ``qjl_config.value_quantization_bits`` bits (2 or 4), its ``group_size`` and ``buffer_size``
+    (the KIVI paper's residual length). ``quanto``: transformers' QuantizedCache with the
+    optimum-quanto backend (``pip install optimum-quanto``), same bits / group / residual.
     Use the model with ``attn_implementation="qjl"`` (``import models`` registers it): it runs
     every method's cache.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = qjl_config if qjl_config is not None else QJLConfig()
     if method == "exact":
         return DynamicCache(config=model_config)
-    raise NotImplementedError(f"cache method {method!r} lands with the transformers cache issue")
+    if method == "qjl":
+        return QJLCache(model_config, config)
+    bits = config.value_quantization_bits
+    if bits not in (2, 4):
+        raise ValueError(f"method {method!r} quantizes keys and values to 2 or 4 bits, got {bits}")
+    if method == "kivi":
+        return KIVICache(model_config, bits, config.group_size, config.buffer_size)
+    if not quanto_available():
+        raise ImportError("method 'quanto' needs optimum-quanto: pip install optimum-quanto")
+    return QuantizedCache(
+        "quanto", model_config, nbits=bits, q_group_size=config.group_size, residual_length=config.buffer_size
+    )
 
 
 def memory_report(cache: Cache) -> MemoryReport:
-    """Measured :class:`MemoryReport` of any cache made by :func:`make_cache`."""
+    """Measured :class:`MemoryReport` of any cache made by :func:`make_cache`. For caches of
+    transformers (exact, quanto) it counts the full-precision tensors they expose."""
     if hasattr(cache, "memory_report"):
         return cache.memory_report()
     nbytes = fp16 = 0
@@ -61,3 +63,10 @@ def memory_report(cache: Cache) -> MemoryReport:
                 fp16 += t.numel() * 2
                 bits = 8 * t.element_size()
     return MemoryReport(bits_per_channel=float(bits or 16), nbytes=nbytes, fp16_nbytes=fp16)
+
+
+def cache_kwargs(model, cache: Cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers 5.17 calls the
+    argument ``past_key_values``, later releases ``cache`` (the old name is deprecated there)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

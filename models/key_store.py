@@ -1,4 +1,4 @@
-"""Key storage policy of one layer: QJL-committed groups + an exact residual buffer."""
+"""Key storage policy of one layer: committed (compressed) groups + an exact residual buffer."""
 
 from __future__ import annotations
 
@@ -21,31 +21,56 @@ def select_outliers(grouped_keys: torch.Tensor, count: int) -> torch.Tensor:
     return norms.topk(count, dim=-1).indices.to(torch.uint8)
 
 
-class QJLKeyStore:
-    """Keys of one layer.
+def exact_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """float32 ``q . k`` with GQA: query ``[B, H_q, L, d]``, keys ``[B, H_kv, T, d]`` -> ``[B, H_q, L, T]``."""
+    batch, q_heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
+    scores = q @ keys.float().unsqueeze(2).transpose(-1, -2)
+    return scores.view(batch, q_heads, length, keys.shape[2])
 
-    New keys enter an exact residual buffer. :meth:`commit` moves every complete block of
-    ``buffer_size`` tokens (in groups of ``group_size``) into the QJL state: each group picks its
-    ``outlier_count`` largest-norm channels, then every key is sketched (inlier and outlier
-    parts). Tokens marked invalid (padding) are zeroed first, so they affect neither the outlier
-    choice nor any stored norm, and score 0.
 
-    State: ``quantized`` (:class:`QuantizedKeys`, ``T_c = num_committed`` tokens) and ``residual``
-    (``[B, H_kv, R, d]`` in the keys' dtype, ``R < buffer_size`` between steps).
+class KeyStore:
+    """The storage policy shared by every compressed key format.
+
+    New keys enter an exact residual buffer (``[B, H_kv, R, d]``, with a validity mask ``[B, R]``).
+    :meth:`commit` moves every complete block of ``buffer_size`` tokens, in groups of
+    ``group_size``, into the compressed state. Subclasses define :meth:`quantize` (keys ->
+    state), :meth:`scores` (query x state) and :meth:`dequantize_state`; the state is a tuple of
+    tensors whose axis 2 is the group axis, grown in place.
     """
 
-    def __init__(self, sketch: QJLSketch, budget: LayerBudget, group_size: int, buffer_size: int) -> None:
-        if sketch.sketch_dim != budget.sketch_dim:
-            raise ValueError(f"sketch has m={sketch.sketch_dim} but the budget asks for m={budget.sketch_dim}")
-        if buffer_size % group_size:
-            raise ValueError(f"buffer_size ({buffer_size}) must be a multiple of group_size ({group_size})")
-        self.sketch = sketch
-        self.budget = budget
+    def __init__(self, group_size: int, buffer_size: int) -> None:
+        if group_size <= 0 or buffer_size <= 0 or buffer_size % group_size:
+            raise ValueError(
+                f"buffer_size ({buffer_size}) must be a positive multiple of group_size ({group_size})"
+            )
         self.group_size = group_size
         self.buffer_size = buffer_size
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every stored token."""
         self._committed = GrowableTensors(dim=2)
         self.residual: torch.Tensor | None = None
         self.residual_valid: torch.Tensor | None = None  # bool [B, R]
+
+    # --- format (subclasses) -----------------------------------------------------------------
+    def quantize(self, keys: torch.Tensor, valid: torch.Tensor):
+        """Compress ``[B, H_kv, n, d]`` keys (``n`` a multiple of group_size), ``valid`` bool ``[B, n]``."""
+        raise NotImplementedError
+
+    def scores(self, state, query: torch.Tensor) -> torch.Tensor:
+        """Estimated ``<q, k>`` for ``state``'s keys: query ``[B, H_q, L, d]`` -> float32 ``[B, H_q, L, T]``."""
+        raise NotImplementedError
+
+    def dequantize_state(self, state) -> torch.Tensor:
+        """Key tensors standing in for ``state``: float32 ``[B, H_kv, T, d]``."""
+        raise NotImplementedError
+
+    def _wrap(self, tensors: tuple[torch.Tensor, ...]):
+        """Rebuild a state from the stored tensors."""
+        raise NotImplementedError
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -61,9 +86,9 @@ class QJLKeyStore:
         return self.num_committed + self.num_residual
 
     @property
-    def quantized(self) -> QuantizedKeys | None:
+    def quantized(self):
         views = self._committed.views()
-        return None if views is None else QuantizedKeys(*views)
+        return None if views is None else self._wrap(views)
 
     # --- updates -----------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -76,46 +101,39 @@ class QJLKeyStore:
             self.residual = torch.cat([self.residual, keys], dim=2)
             self.residual_valid = torch.cat([self.residual_valid, valid], dim=1)
 
-    def quantize(self, keys: torch.Tensor, valid: torch.Tensor) -> QuantizedKeys:
-        """Quantize ``[B, H_kv, n, d]`` keys (``n`` a multiple of group_size) without storing them."""
-        batch, heads, tokens, dim = keys.shape
-        keys = keys.masked_fill(~valid[:, None, :, None], 0)
-        grouped = keys.reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
-        outliers = select_outliers(grouped, self.budget.outlier_count)
-        projection = self.sketch.projection_on(keys.device)
-        return qjl_kernel.quantize_keys(grouped, outliers, projection, self.budget.outlier_sketch_dim)
-
     def commit(self, keep: int = 0) -> int:
         """Commit the largest multiple of buffer_size residual tokens that leaves at least ``keep``
         tokens in the residual; returns the number committed."""
         count = (max(self.num_residual - keep, 0) // self.buffer_size) * self.buffer_size
         if count:
-            self._committed.append(tuple(self.quantize(self.residual[:, :, :count], self.residual_valid[:, :count])))
+            state = self.quantize(self.residual[:, :, :count], self.residual_valid[:, :count])
+            self._committed.append(tuple(t for t in state if isinstance(t, torch.Tensor)))
             self.residual = self.residual[:, :, count:]
             self.residual_valid = self.residual_valid[:, count:]
         return count
 
     # --- scores ------------------------------------------------------------------------------
     def committed_scores(self, query: torch.Tensor) -> torch.Tensor | None:
-        """QJL estimates for the committed keys: query ``[B, H_q, L, d]`` -> float32 ``[B, H_q, L, T_c]``."""
+        """Scores of the committed keys, float32 ``[B, H_q, L, T_c]`` (None when nothing is committed)."""
         state = self.quantized
-        if state is None:
-            return None
-        return qjl_kernel.key_scores(query, state, self.sketch.projection_on(query.device))
+        return None if state is None else self.scores(state, query)
 
     def residual_scores(self, query: torch.Tensor) -> torch.Tensor | None:
         """Exact ``<q, k>`` for the residual keys, float32 ``[B, H_q, L, R]``."""
-        if self.residual is None or self.num_residual == 0:
-            return None
-        return exact_scores(query, self.residual)
+        return None if self.num_residual == 0 else exact_scores(query, self.residual)
 
-    # --- memory ------------------------------------------------------------------------------
+    def dequantized(self) -> torch.Tensor | None:
+        """Key tensors for the committed part, float32 ``[B, H_kv, T_c, d]`` (slow path)."""
+        state = self.quantized
+        return None if state is None else self.dequantize_state(state)
+
+    # --- memory and batch --------------------------------------------------------------------
+    def committed_nbytes(self) -> int:
+        return self._committed.nbytes()
+
     def nbytes(self) -> int:
         residual = 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
         return self._committed.nbytes() + residual
-
-    def committed_nbytes(self) -> int:
-        return self._committed.nbytes()
 
     def reorder_batch(self, index: torch.Tensor) -> None:
         self._committed.apply(lambda t: t.index_select(0, index.to(t.device)))
@@ -124,10 +142,33 @@ class QJLKeyStore:
             self.residual_valid = self.residual_valid.index_select(0, index.to(self.residual.device))
 
 
-def exact_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """float32 ``q . k`` with GQA: query ``[B, H_q, L, d]``, keys ``[B, H_kv, T, d]`` -> ``[B, H_q, L, T]``."""
-    batch, q_heads, length, dim = query.shape
-    kv_heads = keys.shape[1]
-    q = query.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
-    scores = q @ keys.float().unsqueeze(2).transpose(-1, -2)
-    return scores.view(batch, q_heads, length, keys.shape[2])
+class QJLKeyStore(KeyStore):
+    """QJL keys of one layer. At commit each group picks its ``outlier_count`` largest-norm
+    channels, then every key is sketched (inlier and outlier parts, :func:`qjl_kernel.quantize_keys`).
+    Invalid (padding) tokens are zeroed first: they affect neither the outlier choice nor any
+    stored norm, and score 0. Committed state: :class:`QuantizedKeys`."""
+
+    def __init__(self, sketch: QJLSketch, budget: LayerBudget, group_size: int, buffer_size: int) -> None:
+        super().__init__(group_size, buffer_size)
+        if sketch.sketch_dim != budget.sketch_dim:
+            raise ValueError(f"sketch has m={sketch.sketch_dim} but the budget asks for m={budget.sketch_dim}")
+        self.sketch = sketch
+        self.budget = budget
+
+    def quantize(self, keys: torch.Tensor, valid: torch.Tensor) -> QuantizedKeys:
+        batch, heads, tokens, dim = keys.shape
+        keys = keys.masked_fill(~valid[:, None, :, None], 0)
+        grouped = keys.reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
+        outliers = select_outliers(grouped, self.budget.outlier_count)
+        projection = self.sketch.projection_on(keys.device)
+        return qjl_kernel.quantize_keys(grouped, outliers, projection, self.budget.outlier_sketch_dim)
+
+    def scores(self, state: QuantizedKeys, query: torch.Tensor) -> torch.Tensor:
+        return qjl_kernel.key_scores(query, state, self.sketch.projection_on(query.device))
+
+    def dequantize_state(self, state: QuantizedKeys) -> torch.Tensor:
+        """Unbiased estimates ``k_hat``; their dot products equal the QJL scores exactly."""
+        return qjl_kernel.dequantize_keys(state, self.sketch.projection_on(state.bits.device)).flatten(2, 3)
+
+    def _wrap(self, tensors) -> QuantizedKeys:
+        return QuantizedKeys(*tensors)

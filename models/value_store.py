@@ -25,6 +25,10 @@ class ValueStore:
         self.bits = bits
         self.group_size = group_size
         self.buffer_size = buffer_size
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every stored token."""
         self._quantized = GrowableTensors(dim=2)
         self.window: torch.Tensor | None = None
 
@@ -75,3 +79,13 @@ class ValueStore:
         self._quantized.apply(lambda t: t.index_select(0, index.to(t.device)))
         if self.window is not None:
             self.window = self.window.index_select(0, index.to(self.window.device))
+
+
+def exact_weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """float32 ``weights @ values`` with GQA: weights ``[B, H_q, L, T]``, values ``[B, H_kv, T, d]``
+    -> ``[B, H_q, L, d]``."""
+    batch, q_heads, length, tokens = weights.shape
+    kv_heads = values.shape[1]
+    w = weights.float().view(batch, kv_heads, q_heads // kv_heads, length, tokens)
+    out = w @ values.float().unsqueeze(2)
+    return out.view(batch, q_heads, length, values.shape[-1])

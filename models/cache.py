@@ -1,0 +1,334 @@
+"""Compressed KV caches for transformers: QJL (keys) and KIVI (keys), both with grouped low-bit values.
+
+Storage policy (both methods, DESIGN.md section 1): keys wait in an exact residual buffer and are
+committed in blocks of ``buffer_size`` tokens; the newest ``buffer_size`` values stay exact and
+older ones are quantized per token. A step's attention sees the cache as committed at the start
+of the step; commits happen at its end (or, equivalently, at the start of the next update).
+
+Semantics of a step of ``L`` new tokens at positions ``p0 .. p0 + L - 1``:
+- the first step (``p0 = 0``, the prompt) is exact attention (SDPA) over full-precision keys and
+  values;
+- later steps use the compressed state; a query at position ``p`` sees keys below
+  ``floor(p / buffer_size) * buffer_size`` through their compressed form and values older than
+  ``p - buffer_size`` quantized. Multi-token steps (chunked prefill, speculative verification)
+  apply that rule row by row, so they give the same result as feeding the tokens one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache, PreTrainedConfig
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import qjl_kernel
+
+from .accounting import qjl_bit_report
+from .config import QJLConfig
+from .memory import LayerMemory, MemoryReport
+from .key_store import KeyStore, QJLKeyStore
+from .kivi import KIVIKeyStore
+from .sketch import QJLSketch
+from .value_store import ValueStore, exact_weighted_sum
+
+ATTN_IMPLEMENTATION = "qjl"
+
+
+class CompressedState:
+    """What a compressed layer's ``update`` returns (as both keys and values) when the model runs
+    the ``"qjl"`` attention function: a handle to the layer, which computes attention itself."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "CompressedLayer") -> None:
+        self.layer = layer
+
+    def __getattr__(self, name):
+        raise TypeError(
+            f"an attention function read `.{name}` of a compressed KV cache handle. Compressed caches "
+            f"(QJLCache, KIVICache) return handles only when the model config they were built with says "
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}; this model runs another attention function. Load "
+            f"the model with attn_implementation={ATTN_IMPLEMENTATION!r} (after `import models`), or build the "
+            f"cache from the model's own config (model.config) so that it returns dequantized tensors instead."
+        )
+
+
+def key_validity(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """bool ``[B, T]``: which key positions are real tokens (not padding), from a 4D mask
+    ``[B or 1, 1, L, T]`` (bool, True = attend, or additive float). None when there is no mask."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, :tokens]  # the newest query attends to every valid key
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    return row.expand(batch, tokens)
+
+
+def _masked_fill_value() -> float:
+    # A finite minimum keeps fully masked rows (queries at padding positions) finite after softmax.
+    return torch.finfo(torch.float32).min
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's compressed KV state: a key store and a value store."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, key_store: KeyStore, value_store: ValueStore, returns_handles) -> None:
+        super().__init__()
+        self.key_store = key_store
+        self.value_store = value_store
+        self._returns_handles = returns_handles  # () -> bool: is the "qjl" attention running?
+
+    # --- transformers' layer API --------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, H_kv, L, d]`` keys and values; return handles (``"qjl"`` attention) or
+        key/value tensors standing in for the compressed state (any other attention)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._settle()
+        self.key_store.append(key_states)
+        self.value_store.append(value_states)
+        if self._returns_handles():
+            handle = CompressedState(self)
+            return handle, handle
+        return self.dense_keys(), self.dense_values()
+
+    def get_seq_length(self) -> int:
+        return self.key_store.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.key_store.clear()
+        self.value_store.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.key_store.reorder_batch(beam_idx)
+        self.value_store.reorder_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.key_store.residual.shape[0] if self.key_store.residual is not None else 0
+        if batch:
+            self.reorder_cache(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "compressed caches cannot be cropped (committed tokens are not recoverable); "
+            "assisted generation that rejects draft tokens is not supported with QJLCache/KIVICache"
+        )
+
+    def offload(self):
+        raise NotImplementedError("offloading is not supported by compressed caches")
+
+    # --- attention ------------------------------------------------------------------------------
+    def attend(self, module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of ``query`` ``[B, H_q, L, d]`` (the step's new tokens, already appended)
+        over this layer's state. Returns ``[B, L, H_q, d]`` in the query's dtype."""
+        keys, values = self.key_store, self.value_store
+        batch, _, length, _ = query.shape
+        total = keys.seq_len
+        start = total - length  # position of the first new token
+        valid = key_validity(attention_mask, batch, total)
+        if valid is not None:
+            keys.residual_valid[:, -length:] = valid[:, -length:]
+        if start == 0:
+            # The prompt: exact attention over full-precision keys and values.
+            output, _ = sdpa_attention_forward(
+                module, query, keys.residual, values.window, attention_mask, scaling=scaling
+            )
+        else:
+            output = self._attend_compressed(query, attention_mask, scaling, start).transpose(1, 2)
+        self._settle()
+        return output.to(query.dtype).contiguous()
+
+    def _attend_compressed(self, query, attention_mask, scaling, start) -> torch.Tensor:
+        keys, values = self.key_store, self.value_store
+        length = query.shape[2]
+        device = query.device
+        positions = start + torch.arange(length, device=device)  # [L]
+
+        committed = keys.committed_scores(query)
+        recent = keys.residual_scores(query)  # [B, H_q, L, R]
+        # Rows past a buffer boundary inside this step see the keys below it compressed.
+        first, buffer = keys.num_committed, keys.buffer_size
+        crossed = ((start + length - 1) // buffer) * buffer - first
+        if crossed > 0:
+            state = keys.quantize(keys.residual[:, :, :crossed], keys.residual_valid[:, :crossed])
+            compressed = keys.scores(state, query)
+            cols = first + torch.arange(crossed, device=device)
+            use = cols[None, :] < (positions // buffer * buffer)[:, None]  # [L, crossed]
+            recent[..., :crossed] = torch.where(use, compressed, recent[..., :crossed])
+        scores = recent if committed is None else torch.cat([committed, recent], dim=-1)
+        scores = scores * scaling
+
+        total = scores.shape[-1]
+        if attention_mask is None:
+            if length > 1:
+                causal = torch.arange(total, device=device)[None, :] <= positions[:, None]
+                scores = scores.masked_fill(~causal, _masked_fill_value())
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :total], _masked_fill_value())
+        else:
+            scores = (scores + attention_mask[..., :total].float()).clamp_min(_masked_fill_value())
+        probs = torch.softmax(scores, dim=-1)
+
+        n_quantized = values.num_quantized
+        output = exact_weighted_sum(probs[..., n_quantized:], values.window)
+        if n_quantized:
+            output = output + qjl_kernel.value_matmul(probs[..., :n_quantized], values.quantized)
+        # Rows past the first see the oldest window values quantized (they left the window).
+        if values.bits != 16:
+            window_before = values.num_window - length
+            n_fix = length - 1 + window_before - values.buffer_size
+            if n_fix > 0:
+                exact = values.window[:, :, :n_fix]
+                delta = qjl_kernel.dequantize_values(values.quantize(exact)) - exact.float()
+                rows = torch.arange(length, device=device)[:, None] + window_before - values.buffer_size
+                use = torch.arange(n_fix, device=device)[None, :] < rows  # [L, n_fix]
+                weights = probs[..., n_quantized : n_quantized + n_fix] * use
+                output = output + exact_weighted_sum(weights, delta)
+        return output
+
+    # --- state ------------------------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Commit complete key buffers and quantize values that left the window."""
+        self.key_store.commit()
+        self.value_store.trim()
+
+    def dense_keys(self) -> torch.Tensor:
+        """``[B, H_kv, T, d]``: compressed keys as stand-in tensors + the exact residual."""
+        parts = [self.key_store.dequantized(), self.key_store.residual]
+        return torch.cat([p.to(self.dtype) for p in parts if p is not None], dim=2)
+
+    def dense_values(self) -> torch.Tensor:
+        quantized = self.value_store.quantized
+        parts = [None if quantized is None else qjl_kernel.dequantize_values(quantized), self.value_store.window]
+        return torch.cat([p.to(self.dtype) for p in parts if p is not None], dim=2)
+
+    def memory(self) -> LayerMemory:
+        keys, values = self.key_store, self.value_store
+        residual = keys.residual
+        shape = residual.shape if residual is not None else None
+        channels = shape[0] * shape[1] * shape[3] if shape is not None else 0
+        key_bits = 8 * keys.committed_nbytes() / (channels * keys.num_committed) if keys.num_committed else None
+        value_bits = (
+            8 * values.quantized_nbytes() / (channels * values.num_quantized) if values.num_quantized else None
+        )
+        fp16 = 2 * 2 * channels * keys.seq_len
+        return LayerMemory(key_bits, value_bits, keys.nbytes() + values.nbytes(), fp16)
+
+
+def _text_config(model_config: PreTrainedConfig) -> PreTrainedConfig:
+    return model_config.get_text_config(decoder=True)
+
+
+def model_head_dim(config: PreTrainedConfig) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _check_attention_layers(config: PreTrainedConfig) -> None:
+    layer_types = getattr(config, "layer_types", None) or []
+    unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unsupported:
+        raise ValueError(f"compressed caches support attention layers only; this model has {unsupported}")
+
+
+class _CompressedCache(Cache):
+    def __init__(self, model_config: PreTrainedConfig, layers: list[CompressedLayer]) -> None:
+        super().__init__(layers=layers)
+        self.model_config = model_config
+
+    def _returns_handles(self) -> bool:
+        return getattr(_text_config(self.model_config), "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+    def memory_report(self) -> MemoryReport:
+        """Measured memory: bits per channel of the compressed part (keys, values, per layer and
+        overall), bytes held (compressed + exact buffers) and the fp16 DynamicCache equivalent."""
+        layers = tuple(layer.memory() for layer in self.layers)
+        return MemoryReport.from_layers(layers, fallback_bits=self.nominal_bits_per_channel())
+
+    def nominal_bits_per_channel(self) -> float:
+        raise NotImplementedError
+
+
+class QJLCache(_CompressedCache):
+    """QJL KV cache: 1-bit JL sketches of keys (+ outlier sketch), grouped low-bit values.
+
+    ``QJLCache(model.config, QJLConfig(...))``; one layer per decoder layer, the first
+    ``initial_layers_count`` with the larger sketch. Use it with a model loaded with
+    ``attn_implementation="qjl"`` (registered by ``import models``); with another attention
+    implementation it returns key estimates ``k_hat`` and dequantized values (slow, same scores).
+    """
+
+    def __init__(self, model_config: PreTrainedConfig, qjl_config: QJLConfig | None = None) -> None:
+        self.qjl_config = qjl_config = qjl_config if qjl_config is not None else QJLConfig()
+        text = _text_config(model_config)
+        _check_attention_layers(text)
+        self.head_dim = model_head_dim(text)
+        qjl_config.check_head_dim(self.head_dim)
+        sketches: dict[bool, QJLSketch] = {}
+        layers = []
+        for idx in range(text.num_hidden_layers):
+            budget = qjl_config.layer_budget(idx)
+            initial = idx < qjl_config.initial_layers_count
+            if initial not in sketches:
+                sketches[initial] = QJLSketch(
+                    self.head_dim, budget.sketch_dim, seed=qjl_config.seed + int(initial),
+                    orthogonalize=qjl_config.orthogonalize, hadamard=qjl_config.hadamard,
+                )
+            key_store = QJLKeyStore(sketches[initial], budget, qjl_config.group_size, qjl_config.buffer_size)
+            value_store = ValueStore(qjl_config.value_quantization_bits, qjl_config.group_size, qjl_config.buffer_size)
+            layers.append(CompressedLayer(key_store, value_store, self._returns_handles))
+        super().__init__(model_config, layers)
+
+    def bit_report(self, storage_bits: int = 16):
+        """Nominal bits per channel of this configuration (:func:`models.qjl_bit_report`)."""
+        return qjl_bit_report(self.qjl_config, len(self.layers), self.head_dim, storage_bits)
+
+    def nominal_bits_per_channel(self) -> float:
+        return self.bit_report().kv_bits_per_channel
+
+
+class KIVICache(_CompressedCache):
+    """KIVI KV cache (Liu et al., 2024): keys quantized per channel over groups of ``group_size``
+    tokens, values per token in groups of ``group_size`` channels, both to ``bits`` bits, with an
+    exact residual of ``buffer_size`` tokens (the KIVI paper's ``R``). Attention runs on
+    dequantized keys and values: numerically KIVI, not its fused kernels."""
+
+    def __init__(self, model_config: PreTrainedConfig, bits: int = 2, group_size: int = 32,
+                 buffer_size: int = 128) -> None:
+        text = _text_config(model_config)
+        _check_attention_layers(text)
+        self.head_dim = model_head_dim(text)
+        if self.head_dim % group_size or self.head_dim % (32 // bits):
+            raise ValueError(
+                f"KIVI needs head_dim ({self.head_dim}) divisible by group_size ({group_size}) and by {32 // bits}"
+            )
+        self.bits, self.group_size = bits, group_size
+        layers = [
+            CompressedLayer(KIVIKeyStore(bits, group_size, buffer_size), ValueStore(bits, group_size, buffer_size),
+                            self._returns_handles)
+            for _ in range(text.num_hidden_layers)
+        ]
+        super().__init__(model_config, layers)
+
+    def nominal_bits_per_channel(self) -> float:
+        # keys: a scale and a min (16 bits each) per channel and group of tokens; values: per group of channels
+        return self.bits + 2 * 16 / self.group_size
