@@ -1,0 +1,297 @@
+"""LongBench / LongBench-E prediction and official scoring for every KV cache method.
+
+Example (the paper's setting, one GPU):
+
+    python longbench.py --model_name longchat-v1.5-7b-32k --method exact qjl kivi \\
+        --dataset_name narrativeqa,qasper,multifieldqa_en,multifieldqa_zh,hotpotqa,2wikimqa
+
+Rules follow LongBench (THUDM/LongBench pred.py + eval.py): prompt budget from
+config/model2maxlen.json, prompt truncated in the middle, chat formatting except for few-shot and
+code tasks, greedy decoding with dataset2maxlen new tokens, LongBench's metrics. Results go to
+``<output_dir>/<model>/<longbench|longbench_e>/<method>/<dataset>/`` (predictions.jsonl,
+result.json); reruns resume. Data parallel: ``torchrun --nproc_per_node N longbench.py ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longbench_eval import data, distributed, generation, prompting, records, scoring, tables
+from models import METHODS, QJLConfig
+
+# QJLConfig fields settable from the command line (the original driver's flags, plus the outlier
+# sketch sizes it hard-coded); None means "keep the preset / default".
+QJL_FLAGS = (
+    "key_quantization_bits", "key_quantization_bits_initial_layers", "initial_layers_count",
+    "outlier_count_general", "outlier_count_initial_layers", "outlier_sketch_dim_general",
+    "outlier_sketch_dim_initial_layers", "value_quantization_bits", "group_size", "buffer_size", "seed",
+)  # fmt: skip
+
+USAGE_HINT = """\
+longbench.py needs a model and LongBench data, e.g.
+  python longbench.py --model_name longchat-v1.5-7b-32k --method exact qjl --dataset_name qasper --data_dir data/
+(--data_dir: LongBench's jsonl files; without it the data comes from the Hugging Face hub).
+Run with --help for every option."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_name", help="key of config/model2path.json, hub id or local directory")
+    p.add_argument("--dtype", default="float16", choices=sorted(generation.DTYPES))
+    for flag in QJL_FLAGS:
+        p.add_argument(f"--{flag}", type=int, default=None, help="QJLConfig field (default: preset / paper value)")
+    p.add_argument("--qjl_config", help="QJLConfig preset json (e.g. config/qjl_paper_llama2.json); flags override")
+    p.add_argument("--method", nargs="+", default=["qjl"], help=f"one or more of {', '.join(METHODS)}")
+    p.add_argument("--dataset_name", nargs="+", default=["all"], help="'all', names, or comma-separated lists")
+    p.add_argument("--n_data", type=int, default=None, help="first N examples of each dataset (default: all)")
+    p.add_argument("--longbench_e", action="store_true", help="LongBench-E (scores per length bucket)")
+    p.add_argument("--data_dir", help="directory of LongBench jsonl files (<dataset>.jsonl / <dataset>_e.jsonl)")
+    p.add_argument("--output_dir", default="results")
+    p.add_argument("--max_length", type=int, default=None, help="prompt token budget (default: model2maxlen)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="override dataset2maxlen (not official)")
+    p.add_argument("--chat_format", default="auto", choices=prompting.CHAT_FORMATS)
+    p.add_argument("--device_map", default=None, help="e.g. 'auto': spread the model over GPUs (accelerate)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        print(USAGE_HINT, file=sys.stderr)
+        raise SystemExit(2)
+    args = parser.parse_args(argv)
+    if not args.model_name:
+        parser.error("--model_name is required (e.g. longchat-v1.5-7b-32k or a local model directory)")
+    args.method = [m for item in args.method for m in item.split(",") if m]
+    unknown = sorted(set(args.method) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --method {unknown}; choose from {', '.join(METHODS)}")
+    args.method = list(dict.fromkeys(args.method))
+    return args
+
+
+def qjl_config_from_args(args: argparse.Namespace) -> QJLConfig:
+    base = QJLConfig.from_json(args.qjl_config) if args.qjl_config else QJLConfig()
+    overrides = {f: getattr(args, f) for f in QJL_FLAGS if getattr(args, f) is not None}
+    return dataclasses.replace(base, **overrides)
+
+
+def predict(ctx, model, tokenizer, examples, dataset, method, qjl_config, run, directory: Path) -> None:
+    """Predict this rank's share of ``examples`` not yet in ``directory``, one record per line."""
+    done = records.load_done(directory)
+    mine = data.shard(examples, ctx.rank, ctx.world_size)
+    todo = [e for e in mine if str(e["_id"]) not in done]
+    scores = [
+        scoring.score_prediction(dataset, done[str(e["_id"])]["pred"], e["answers"], e["all_classes"])
+        for e in mine
+        if str(e["_id"]) in done
+    ]
+    stop_ids = prompting.stop_token_ids(tokenizer, model.generation_config, dataset)
+    prefix = f"[rank {ctx.rank}] " if ctx.world_size > 1 else ""
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{prefix}{method} {dataset}", dynamic_ncols=True)
+    with records.PredictionWriter(records.write_path(directory, ctx.rank, ctx.world_size)) as writer:
+        for example in todo:
+            text, add_special = prompting.build_prompt(
+                tokenizer, example, dataset, run["prompt_format"][dataset], run["max_length"], run["chat_format"]
+            )
+            ids = prompting.encode(tokenizer, text, add_special)
+            out = generation.generate(
+                model, tokenizer, ids, method, qjl_config, run["max_new_tokens"][dataset], stop_ids,
+                min_new_tokens=1 if dataset == "samsum" else 0,  # LongBench: min_length = prompt + 1 on samsum
+            )  # fmt: skip
+            writer.write(
+                {
+                    "_id": example["_id"],
+                    "index": example["index"],
+                    "pred": out.text,
+                    "answers": example["answers"],
+                    "all_classes": example["all_classes"],
+                    "length": example["length"],
+                    "prompt_tokens": len(ids),
+                    "new_tokens": out.new_tokens,
+                    "kv_bits_per_channel": out.memory.bits_per_channel,
+                    "kv_nbytes": out.memory.nbytes,
+                    "kv_fp16_nbytes": out.memory.fp16_nbytes,
+                }
+            )
+            scores.append(scoring.score_prediction(dataset, out.text, example["answers"], example["all_classes"]))
+            bar.set_postfix(score=f"{100 * sum(scores) / len(scores):.2f}")
+            bar.update()
+    bar.close()
+
+
+def finalize(directory: Path, examples: list[dict], dataset: str, method: str, run: dict) -> dict:
+    """Merge rank files, score the requested examples, write result.json; returns its content."""
+    by_id = {str(r["_id"]): r for r in records.merge(directory)}
+    missing = [e["_id"] for e in examples if str(e["_id"]) not in by_id]
+    if missing:
+        raise RuntimeError(f"{directory}: no prediction for {len(missing)} example(s), e.g. {missing[:3]}")
+    chosen = [by_id[str(e["_id"])] for e in examples]
+    peak = max(chosen, key=lambda r: r["kv_nbytes"])
+    result = {
+        "model": run["model"].key,
+        "dataset": dataset,
+        "method": method,
+        "benchmark": run["bench"],
+        "attention": run["attention"],
+        "n_examples": len(chosen),
+        "score": scoring.scorer_e(dataset, chosen) if run["longbench_e"] else scoring.scorer(dataset, chosen),
+        "kv_cache": {  # measured after generation, at the example whose cache was largest
+            "bits_per_channel": peak["kv_bits_per_channel"],
+            "peak_nbytes": peak["kv_nbytes"],
+            "peak_fp16_nbytes": peak["kv_fp16_nbytes"],
+            "ratio_vs_fp16": peak["kv_fp16_nbytes"] / peak["kv_nbytes"] if peak["kv_nbytes"] else None,
+        },
+        "settings": json.loads((directory / records.SETTINGS).read_text(encoding="utf-8")),
+    }
+    records.write_json_atomic(directory / records.RESULT, result)
+    return result
+
+
+def format_table(results: dict, datasets: list[str], methods: list[str], skipped: dict[str, str]) -> str:
+    """Datasets x methods scores, then each method's KV bits/channel and peak cache MiB."""
+
+    def cell(value) -> str:
+        if isinstance(value, dict):
+            return "/".join("-" if v is None else f"{v:.2f}" for v in value.values())
+        return f"{value:.2f}"
+
+    columns = methods + list(skipped)
+    width = max([14, *(len(c) + 2 for c in columns)])
+    rows = [f"{'dataset':<22}" + "".join(f"{c:>{width}}" for c in columns)]
+    for dataset in datasets:
+        cells = [cell(results[(m, dataset)]["score"]) for m in methods] + ["skipped"] * len(skipped)
+        rows.append(f"{dataset:<22}" + "".join(f"{c:>{width}}" for c in cells))
+    for label, key, fmt in (
+        ("KV bits/channel", "bits_per_channel", "{:.2f}"),
+        ("peak KV MiB", "peak_nbytes", "{:.3f}"),
+    ):
+        cells = []
+        for m in methods:
+            kv = max((results[(m, d)]["kv_cache"] for d in datasets), key=lambda k: k["peak_nbytes"])
+            cells.append(fmt.format(kv[key] / 2**20 if key == "peak_nbytes" else kv[key]))
+        rows.append(f"{label:<22}" + "".join(f"{c:>{width}}" for c in cells + ["-"] * len(skipped)))
+    rows += [f"skipped {m}: {why}" for m, why in skipped.items()]
+    return "\n".join(rows)
+
+
+class SetupError(Exception):
+    """A problem with the command line, the data or the output directory, found before any
+    generation; reported without a traceback."""
+
+
+@dataclasses.dataclass
+class Plan:
+    spec: tables.ModelSpec
+    model: object
+    tokenizer: object
+    qjl_config: QJLConfig
+    datasets: list[str]
+    examples: dict[str, list[dict]]
+    methods: list[str]
+    skipped: dict[str, str]
+    run_info: dict
+    directories: dict[tuple[str, str], Path]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Predict and score every (method, dataset); returns {(method, dataset): result} on rank 0
+    (empty dict on other ranks)."""
+    ctx = distributed.init_distributed()
+    try:
+        try:
+            plan = prepare(args, ctx)
+        except (ValueError, data.DataUnavailableError) as e:
+            raise SetupError(str(e)) from e
+        return execute(plan, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def prepare(args: argparse.Namespace, ctx: distributed.DistContext) -> Plan:
+    """Everything that can fail on user input, before the first generation: tables, data, model,
+    prompt budget, chat format, method availability, output directories."""
+    lb = tables.load_tables()
+    datasets = tables.select_datasets(args.dataset_name, args.longbench_e)
+    qjl_config = qjl_config_from_args(args)
+    torch.manual_seed(qjl_config.seed)
+    if args.device_map and ctx.world_size > 1:
+        raise ValueError("--device_map spreads one model over all GPUs; do not combine it with torchrun ranks")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise ValueError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    # Load the data first: a missing file should fail before minutes of model loading.
+    examples = {d: data.load_examples(d, longbench_e=args.longbench_e, data_dir=args.data_dir, n_data=args.n_data)
+                for d in datasets}  # fmt: skip
+    spec = tables.resolve_model(args.model_name, lb.model2path)
+    device = torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    model, tokenizer = generation.load_model_and_tokenizer(spec.path, args.dtype, device, args.device_map)
+    max_length, budget_source = tables.prompt_budget(
+        spec, lb.model2maxlen, getattr(model.config, "max_position_embeddings", None), args.max_length
+    )
+    chat_format = prompting.resolve_chat_format(args.chat_format, tokenizer, spec.names)
+    skipped = {m: why for m in args.method if (why := generation.unavailable_reason(m, model.config, qjl_config))}
+    methods = [m for m in args.method if m not in skipped]
+    attention = generation.attention_implementation()
+    if ctx.is_main:
+        print(f"model {spec.key} ({spec.path}), attention {attention}, prompt budget {max_length} tokens "
+              f"({budget_source}), chat format {chat_format}")  # fmt: skip
+        for m, why in skipped.items():
+            print(f"skipping method {m}: {why}")
+    if not methods:
+        raise SystemExit(f"no requested method can run here: {skipped}")
+    bench = "longbench_e" if args.longbench_e else "longbench"
+    max_new = {d: args.max_new_tokens or lb.dataset2maxlen[d] for d in datasets}
+    run_info = {"model": spec, "bench": bench, "longbench_e": args.longbench_e, "max_length": max_length,
+                "chat_format": chat_format, "max_new_tokens": max_new, "prompt_format": lb.dataset2prompt,
+                "attention": attention}  # fmt: skip
+    directories = {}
+    for method in methods:
+        for dataset in datasets:
+            directory = Path(args.output_dir) / spec.key / bench / method / dataset
+            settings = {
+                "model_path": spec.path, "dtype": args.dtype, "method": method, "max_length": max_length,
+                "max_new_tokens": max_new[dataset], "chat_format": chat_format,
+                "prompt_format": lb.dataset2prompt[dataset],
+                "qjl_config": None if method == "exact" else qjl_config.to_dict(),
+            }  # fmt: skip
+            records.check_settings(directory, settings)
+            directories[(method, dataset)] = directory
+    return Plan(spec, model, tokenizer, qjl_config, datasets, examples, methods, skipped, run_info, directories)
+
+
+def execute(plan: Plan, ctx: distributed.DistContext) -> dict:
+    results = {}
+    for (method, dataset), directory in plan.directories.items():
+        examples = plan.examples[dataset]
+        predict(ctx, plan.model, plan.tokenizer, examples, dataset, method, plan.qjl_config, plan.run_info, directory)
+        distributed.barrier(ctx)
+        if ctx.is_main:
+            results[(method, dataset)] = finalize(directory, examples, dataset, method, plan.run_info)
+    if ctx.is_main:
+        bench = plan.run_info["bench"]
+        title = "LongBench-E (0-4k/4-8k/8k+)" if bench == "longbench_e" else "LongBench"
+        print(f"\n{title} scores, {plan.spec.key}, results in {next(iter(plan.directories.values())).parents[1]}")
+        print(format_table(results, plan.datasets, plan.methods, plan.skipped))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Model loading and greedy generation with any cache method of ``models``."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import transformers.generation.utils as generation_utils
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+import models  # registers the "qjl" attention function (once the cache issue lands)
+from models import MemoryReport, QJLConfig
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def attention_implementation() -> str:
+    """``"qjl"`` (runs every method's cache) when ``models`` registered it, else ``"sdpa"``."""
+    return "qjl" if "qjl" in AttentionInterface() else "sdpa"
+
+
+def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None, device_map: str | None = None):
+    """``device_map`` (e.g. ``auto``) spreads layers over the visible GPUs through accelerate;
+    otherwise the whole model goes to ``device``."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": DTYPES[dtype], "attn_implementation": attention_implementation()}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not device_map:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def quanto_available() -> bool:
+    """Whether optimum-quanto (transformers' QuantizedCache backend) is importable."""
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:  # no "optimum" package at all
+        return False
+
+
+def unavailable_reason(method: str, model_config, qjl_config: QJLConfig | None) -> str | None:
+    """Why ``method``'s cache cannot be built here (missing backend or not implemented), or None.
+    Configuration errors (ValueError) are not caught: they are the user's to fix."""
+    if method == "quanto" and not quanto_available():
+        return "needs optimum-quanto (pip install optimum-quanto)"
+    try:
+        models.make_cache(method, model_config, qjl_config)
+    except (ImportError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _cache_kwarg() -> str:
+    """transformers renamed generate's ``past_key_values`` to ``cache`` (the old name still works
+    with a FutureWarning); pick whichever this version expects."""
+    return "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    new_tokens: int
+    memory: MemoryReport
+
+
+def generate(
+    model,
+    tokenizer,
+    input_ids: list[int],
+    method: str,
+    qjl_config: QJLConfig | None,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    min_new_tokens: int = 0,
+) -> Generation:
+    """Greedy decoding of one prompt (batch 1, no padding) with a fresh cache of ``method``; the
+    returned memory report is measured on the cache after the last step."""
+    ids = torch.tensor([input_ids], dtype=torch.long, device=input_device(model))
+    cache = models.make_cache(method, model.config, qjl_config)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[0],
+        **{_cache_kwarg(): cache},
+    )
+    new = out[0, ids.shape[1] :]
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), models.memory_report(cache))

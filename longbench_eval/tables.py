@@ -1,0 +1,114 @@
+"""LongBench's tables (config/*.json), dataset lists and model-name rules."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+# LongBench (21 datasets) and LongBench-E (13 datasets, balanced over length), in LongBench's order.
+LONGBENCH_DATASETS = (
+    "narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique",
+    "dureader", "gov_report", "qmsum", "multi_news", "vcsum", "trec", "triviaqa", "samsum", "lsht",
+    "passage_count", "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p",
+)  # fmt: skip
+LONGBENCH_E_DATASETS = (
+    "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
+    "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
+)  # fmt: skip
+# Few-shot / completion tasks: chat models do better on them without the chat wrapper.
+NO_CHAT_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+# Tasks whose prediction is cut to its first non-empty line before scoring.
+FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+
+# LongBench's model2maxlen entries are the context window minus 500 tokens of room for the answer;
+# the fallback for models missing from the table follows the same rule.
+FALLBACK_MARGIN = 500
+
+
+@dataclass(frozen=True)
+class Tables:
+    dataset2prompt: dict[str, str]
+    dataset2maxlen: dict[str, int]
+    model2maxlen: dict[str, int]
+    model2path: dict[str, str]
+
+
+def load_tables(config_dir: str | Path = CONFIG_DIR) -> Tables:
+    config_dir = Path(config_dir)
+
+    def read(name: str) -> dict:
+        return json.loads((config_dir / f"{name}.json").read_text(encoding="utf-8"))
+
+    return Tables(read("dataset2prompt"), read("dataset2maxlen"), read("model2maxlen"), read("model2path"))
+
+
+def dataset_names(longbench_e: bool) -> tuple[str, ...]:
+    return LONGBENCH_E_DATASETS if longbench_e else LONGBENCH_DATASETS
+
+
+def select_datasets(requested: list[str] | None, longbench_e: bool) -> list[str]:
+    """Expand ``all`` and comma-separated lists; keep order, drop repeats; reject unknown names."""
+    known = dataset_names(longbench_e)
+    names: list[str] = []
+    for item in requested or ["all"]:
+        for name in filter(None, (part.strip() for part in item.split(","))):
+            for expanded in known if name == "all" else (name,):
+                if expanded not in known:
+                    bench = "LongBench-E" if longbench_e else "LongBench"
+                    raise ValueError(f"unknown {bench} dataset {expanded!r}; choose from: all, {', '.join(known)}")
+                if expanded not in names:
+                    names.append(expanded)
+    return names
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``key``: the name results are filed under and the tables are looked up by; ``path``: what
+    ``from_pretrained`` loads (hub id or local directory)."""
+
+    key: str
+    path: str
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return (self.key, self.path)
+
+
+def resolve_model(name: str, model2path: dict[str, str]) -> ModelSpec:
+    """A LongBench model key (``longchat-v1.5-7b-32k``), a hub id listed in model2path
+    (``lmsys/longchat-7b-v1.5-32k`` resolves to the same key), or any other hub id / directory
+    (filed under its last path component)."""
+    if name in model2path:
+        return ModelSpec(name, model2path[name])
+    for key, path in model2path.items():
+        if path == name:
+            return ModelSpec(key, name)
+    return ModelSpec(Path(name.rstrip("/")).name or name, name)
+
+
+def prompt_budget(
+    spec: ModelSpec, model2maxlen: dict[str, int], max_position_embeddings: int | None, override: int | None = None
+) -> tuple[int, str]:
+    """Prompt token budget and where it came from.
+
+    Order: ``override`` (--max_length); model2maxlen by model key, then by the last component of
+    the model path; else ``max(max_position_embeddings - 500, max_position_embeddings // 2)``.
+    As in LongBench the budget bounds the prompt only: generated tokens come on top of it.
+    """
+    if override is not None:
+        if override <= 1:
+            raise ValueError(f"--max_length must be > 1, got {override}")
+        return override, "--max_length"
+    for name in (spec.key, Path(spec.path.rstrip("/")).name):
+        if name in model2maxlen:
+            return int(model2maxlen[name]), f"model2maxlen[{name!r}]"
+    if not max_position_embeddings:
+        raise ValueError(
+            f"{spec.key!r} is not in config/model2maxlen.json and its config has no max_position_embeddings: "
+            "pass --max_length"
+        )
+    budget = max(max_position_embeddings - FALLBACK_MARGIN, max_position_embeddings // 2)
+    return budget, f"max_position_embeddings={max_position_embeddings} fallback"
