@@ -10,7 +10,7 @@ export MAX_JOBS
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt setup.py pyproject.toml
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard qjl_kernel/csrc/*.cpp qjl_kernel/csrc/*.cu qjl_kernel/csrc/*.h qjl_kernel/csrc/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
@@ -20,7 +20,7 @@ run: setup
 	$(PY) -m models.report
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf build *.egg-info qjl_kernel/*.so

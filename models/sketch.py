@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,24 @@ def _hadamard(dim: int) -> torch.Tensor:
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(dim)
+
+
+@functools.lru_cache(maxsize=32)
+def _projection_matrix(head_dim: int, sketch_dim: int, seed: int, orthogonalize: bool, hadamard: bool) -> torch.Tensor:
+    """The float32 CPU matrix of a sketch; memoized, since every new cache rebuilds the same sketches."""
+    generator = torch.Generator().manual_seed(seed)
+    if orthogonalize:
+        blocks = []
+        for start in range(0, sketch_dim, head_dim):
+            rows = min(head_dim, sketch_dim - start)
+            blocks.append(_haar_orthonormal_rows(rows, head_dim, generator) * math.sqrt(head_dim))
+        matrix = torch.cat(blocks, 0)
+    else:
+        matrix = torch.randn(sketch_dim, head_dim, generator=generator, dtype=torch.float64)
+    if hadamard:
+        signs = torch.randint(0, 2, (head_dim,), generator=generator).double() * 2 - 1
+        matrix = matrix @ (_hadamard(head_dim) * signs)
+    return matrix.float().contiguous()
 
 
 class QJLSketch:
@@ -59,19 +78,8 @@ class QJLSketch:
         self.orthogonalize = orthogonalize
         self.hadamard = hadamard
 
-        generator = torch.Generator().manual_seed(seed)
-        if orthogonalize:
-            blocks = []
-            for start in range(0, sketch_dim, head_dim):
-                rows = min(head_dim, sketch_dim - start)
-                blocks.append(_haar_orthonormal_rows(rows, head_dim, generator) * math.sqrt(head_dim))
-            matrix = torch.cat(blocks, 0)
-        else:
-            matrix = torch.randn(sketch_dim, head_dim, generator=generator, dtype=torch.float64)
-        if hadamard:
-            signs = torch.randint(0, 2, (head_dim,), generator=generator).double() * 2 - 1
-            matrix = matrix @ (_hadamard(head_dim) * signs)
-        self._projections = {torch.device("cpu"): matrix.float().contiguous()}
+        matrix = _projection_matrix(head_dim, sketch_dim, seed, orthogonalize, hadamard)
+        self._projections = {torch.device("cpu"): matrix}
         if device is not None:
             self.projection_on(device)
 

@@ -45,9 +45,23 @@ def unpack_sign_bits(bits: torch.Tensor) -> torch.Tensor:
     return unpacked.bool().flatten(-2)
 
 
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """float32 ``[256, 8]``: row b holds the +1/-1 signs encoded by byte b."""
+    if device not in _SIGN_TABLES:
+        byte = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
+        table = (torch.bitwise_right_shift(byte, torch.arange(SIGN_BITS_PER_BYTE)) & 1).float() * 2.0 - 1.0
+        _SIGN_TABLES[device] = table.to(device)
+    return _SIGN_TABLES[device]
+
+
 def unpack_signs(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., m / 8]`` -> float32 ``[..., m]`` of +1 / -1."""
-    return unpack_sign_bits(bits).to(torch.float32) * 2.0 - 1.0
+    """uint8 ``[..., m / 8]`` -> float32 ``[..., m]`` of +1 / -1 (a table lookup per byte)."""
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"sign bits must be uint8, got {bits.dtype}")
+    return _sign_table(bits.device)[bits.long()].flatten(-2)
 
 
 def codes_per_word(bits: int) -> int:

@@ -1,0 +1,57 @@
+"""KV cache memory against sequence length for exact, QJL and KIVI.
+
+On a GPU: peak device memory of a generation above the model weights (the paper's memory
+figure). On the CPU: the bytes each cache holds after the prompt and the decode steps, measured
+by walking the cache's tensors.
+
+    python plot_memory_peak.py                      # CPU: tiny model, 256..4096 tokens
+    python plot_memory_peak.py --preset llama3-8b   # GPU: 2^9..2^16
+
+Writes ``<output_dir>/memory_<preset>.json`` and ``.png`` and prints the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import models
+import plot_runtime
+from figures import format_table, plot_panels, write_json
+
+
+def main(argv=None) -> dict:
+    args = plot_runtime.parse_args(argv, description=__doc__, cpu_max_len=4096)
+    device = torch.device(args.device)
+    qjl_config = models.QJLConfig.from_json(args.qjl_config)
+    model = plot_runtime.build_model(args.preset, args.num_layers, device, plot_runtime.DTYPES[args.dtype])
+    lengths = plot_runtime.lengths_between(args.min_len, args.max_len)
+    key = "peak_bytes" if device.type == "cuda" else "cache_bytes"
+    what = "peak GPU memory above weights" if device.type == "cuda" else "bytes held by the cache"
+    print(f"memory sweep: preset {args.preset}, {args.num_layers} layer(s), {args.dtype}, {device}: {what}")
+    results = {m: {"cache_bytes": [], "peak_bytes": []} for m in args.methods}
+    for seq_len in lengths:
+        for method in args.methods:
+            m = plot_runtime.measure(model, method, qjl_config, seq_len, args.new_tokens)
+            results[method]["cache_bytes"].append(m.cache_bytes)
+            results[method]["peak_bytes"].append(m.peak_bytes)
+    mib = {m: [b / 2**20 for b in results[m][key]] for m in args.methods}
+    stem = Path(args.output_dir) / f"memory_{args.preset}"
+    data = dict(preset=args.preset, num_layers=args.num_layers, dtype=args.dtype, device=str(device),
+                measure=what, new_tokens=args.new_tokens, lengths=lengths, qjl_config=qjl_config.to_dict(),
+                results=results)
+    write_json(stem.with_suffix(".json"), data)
+    plot_panels(stem.with_suffix(".png"), lengths, [(f"{what} (MiB)", mib)], xlabel="prompt tokens",
+                title=f"{args.preset}, {args.num_layers} layer(s), {args.dtype}, {device.type}", logy=True)
+    print(format_table("tokens", lengths, mib, fmt="{:.3f}"))
+    if "exact" in mib:
+        for method in args.methods:
+            if method != "exact":
+                print(f"{method}: {mib['exact'][-1] / mib[method][-1]:.2f}x less than exact at {lengths[-1]} tokens")
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

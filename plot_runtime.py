@@ -1,0 +1,188 @@
+"""Encode / decode / total generation time against sequence length, for exact, QJL and KIVI.
+
+Random-weight models built from configs (no downloads), run through one harness:
+encode = prefill of the prompt + quantization of the cache; decode = ``new_tokens`` greedy
+steps; median of ``repeats`` runs with device-synchronized timers (CUDA events on GPU).
+
+    python plot_runtime.py                       # CPU: tiny model, 256..2048 tokens, < 1 minute
+    python plot_runtime.py --preset llama3-8b    # GPU: the paper's sweep 2^9..2^16 (Fig. 3)
+    python plot_runtime.py --preset llama2-7b --max_len 131072
+
+Writes ``<output_dir>/runtime_<preset>.json`` and ``.png`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import models
+import qjl_kernel
+from figures import DeviceTimer, format_table, median, plot_panels, write_json
+
+ROOT = Path(__file__).resolve().parent
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PRESETS = {
+    # Llama-2-7B shapes (MHA), fp16; the paper generates 128 tokens.
+    "llama2-7b": dict(
+        model=dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                   head_dim=128, vocab_size=32000, rope_theta=10000.0),
+        dtype="float16", new_tokens=128,
+    ),
+    # Llama-3-8B shapes (GQA, 4 query heads per KV head), bf16; the paper generates 64 tokens.
+    "llama3-8b": dict(
+        model=dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=128, vocab_size=128256, rope_theta=500000.0),
+        dtype="bfloat16", new_tokens=64,
+    ),
+    # Small enough for a CPU run in seconds; head_dim 128 as QJL assumes.
+    "tiny": dict(
+        model=dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=128, vocab_size=1024, rope_theta=10000.0),
+        dtype="float32", new_tokens=8,
+    ),
+}
+DEFAULT_QJL_CONFIG = ROOT / "config" / "qjl_runtime_llama3.json"
+
+
+def build_model(preset: str, num_layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A random-weight Llama with the preset's shapes and ``num_layers`` layers, "qjl" attention."""
+    config = LlamaConfig(**PRESETS[preset]["model"], num_hidden_layers=num_layers, max_position_embeddings=1 << 18,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation(models.ATTN_IMPLEMENTATION)
+    return model
+
+
+@dataclass
+class Measurement:
+    encode_s: float
+    decode_s: float
+    cache_bytes: int  # bytes the cache holds at the end
+    peak_bytes: int | None  # peak device memory above the model weights (CUDA only)
+
+
+@torch.no_grad()
+def measure(model, method: str, qjl_config: models.QJLConfig, seq_len: int, new_tokens: int,
+            timer_factory=DeviceTimer) -> Measurement:
+    """One generation: prefill ``seq_len`` random tokens, then ``new_tokens`` greedy steps."""
+    device = model.device
+    ids = torch.randint(model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    ids = ids.to(device)
+    cache = models.make_cache(method, model.config, qjl_config)
+    kwargs = models.cache_kwargs(model, cache)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    with timer_factory(device) as encode:
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits
+        token = logits[:, -1:].argmax(-1)
+    with timer_factory(device) as decode:
+        for _ in range(new_tokens):
+            logits = model(input_ids=token, use_cache=True, **kwargs).logits
+            token = logits[:, -1:].argmax(-1)
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+    cache_bytes = models.memory_report(cache).nbytes
+    del cache, kwargs, logits
+    if device.type == "cuda":
+        gc.collect()
+    return Measurement(encode.seconds, decode.seconds, cache_bytes, peak)
+
+
+def lengths_between(min_len: int, max_len: int) -> list[int]:
+    lengths, n = [], min_len
+    while n <= max_len:
+        lengths.append(n)
+        n *= 2
+    return lengths
+
+
+def sweep(model, methods, qjl_config, lengths, new_tokens, repeats, *, progress=True) -> dict:
+    """Median encode / decode / total seconds and memory per method and length."""
+    results = {m: {"encode_s": [], "decode_s": [], "total_s": [], "cache_bytes": [], "peak_bytes": []} for m in methods}
+    for method in methods:  # warm-up: first calls pay for allocations and lazy initialization
+        measure(model, method, qjl_config, lengths[0], 2)
+    for seq_len in lengths:
+        for method in methods:
+            runs = [measure(model, method, qjl_config, seq_len, new_tokens) for _ in range(repeats)]
+            r = results[method]
+            r["encode_s"].append(median([m.encode_s for m in runs]))
+            r["decode_s"].append(median([m.decode_s for m in runs]))
+            r["total_s"].append(median([m.encode_s + m.decode_s for m in runs]))
+            r["cache_bytes"].append(runs[-1].cache_bytes)
+            r["peak_bytes"].append(runs[-1].peak_bytes)
+            if progress:
+                print(f"  {seq_len:>7} {method:>6}: encode {r['encode_s'][-1]:.4f}s decode {r['decode_s'][-1]:.4f}s",
+                      flush=True)
+    return results
+
+
+def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048):
+    """Arguments shared with plot_memory_peak.py; defaults depend on the device."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny on CPU, llama3-8b on GPU")
+    parser.add_argument("--methods", nargs="+", default=["exact", "qjl", "kivi"], choices=models.METHODS)
+    parser.add_argument("--num_layers", type=int, default=1, help="decoder layers (the paper: 1)")
+    parser.add_argument("--min_len", type=int, help="default: 256 on CPU, 512 on GPU")
+    parser.add_argument("--max_len", type=int, help=f"default: {cpu_max_len} on CPU, 65536 on GPU (up to 131072)")
+    parser.add_argument("--new_tokens", type=int, help="decode steps (default: the preset's)")
+    parser.add_argument("--repeats", type=int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the preset's")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--qjl_config", default=str(DEFAULT_QJL_CONFIG), help="QJLConfig preset JSON")
+    parser.add_argument("--output_dir", default="results/runtime")
+    args = parser.parse_args(argv)
+    gpu = torch.device(args.device).type == "cuda"
+    args.preset = args.preset or ("llama3-8b" if gpu else "tiny")
+    args.min_len = args.min_len or (512 if gpu else 256)
+    args.max_len = args.max_len or (65536 if gpu else cpu_max_len)
+    args.repeats = args.repeats or (10 if gpu else 3)
+    args.new_tokens = args.new_tokens or PRESETS[args.preset]["new_tokens"]
+    args.dtype = args.dtype or PRESETS[args.preset]["dtype"]
+    if args.min_len <= 0 or args.max_len < args.min_len:
+        parser.error(f"need 0 < --min_len <= --max_len, got {args.min_len}, {args.max_len}")
+    if args.num_layers <= 0 or args.repeats <= 0 or args.new_tokens <= 0:
+        parser.error("--num_layers, --repeats and --new_tokens must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    qjl_config = models.QJLConfig.from_json(args.qjl_config)
+    model = build_model(args.preset, args.num_layers, device, dtype)
+    lengths = lengths_between(args.min_len, args.max_len)
+    backend = qjl_kernel.backend_for(torch.empty(0, device=device))
+    print(f"runtime sweep: preset {args.preset}, {args.num_layers} layer(s), {args.dtype}, {device}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}, QJL ops backend: {backend}")
+    results = sweep(model, args.methods, qjl_config, lengths, args.new_tokens, args.repeats)
+
+    stem = Path(args.output_dir) / f"runtime_{args.preset}"
+    data = dict(preset=args.preset, num_layers=args.num_layers, dtype=args.dtype, device=str(device),
+                backend=backend, new_tokens=args.new_tokens, repeats=args.repeats, lengths=lengths,
+                qjl_config=qjl_config.to_dict(), results=results)
+    write_json(stem.with_suffix(".json"), data)
+    panels = [(f"{label} (s)", {m: results[m][key] for m in args.methods})
+              for label, key in (("encode + quantize", "encode_s"), (f"decode {args.new_tokens} tokens", "decode_s"),
+                                 ("total", "total_s"))]
+    plot_panels(stem.with_suffix(".png"), lengths, panels, xlabel="prompt tokens",
+                title=f"{args.preset}, {args.num_layers} layer(s), {args.dtype}, {device.type} ({backend} ops)")
+    for label, key in (("encode s", "encode_s"), ("decode s", "decode_s"), ("total s", "total_s")):
+        print(f"\n{label}:")
+        print(format_table("tokens", lengths, {m: results[m][key] for m in args.methods}))
+    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

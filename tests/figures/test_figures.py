@@ -1,0 +1,87 @@
+"""The figure scripts' CPU defaults, and the timer discipline they rely on."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import plot_distortion
+import plot_memory_peak
+import plot_runtime
+from figures import DeviceTimer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _outputs(tmp_path, stem):
+    json_path, png_path = tmp_path / f"{stem}.json", tmp_path / f"{stem}.png"
+    assert png_path.read_bytes()[:8] == PNG_MAGIC and png_path.stat().st_size > 10_000
+    return json.loads(json_path.read_text())
+
+
+def test_timer_synchronizes_before_every_clock_reading():
+    calls = []
+    ticks = iter([10.0, 12.5])
+
+    def clock():
+        calls.append("clock")
+        return next(ticks)
+
+    with DeviceTimer("cpu", synchronize=lambda: calls.append("sync"), clock=clock) as timer:
+        calls.append("work")
+    assert calls == ["sync", "clock", "work", "sync", "clock"]
+    assert timer.seconds == 2.5
+
+
+def test_measure_times_prefill_and_decode_separately():
+    seen = []
+
+    class RecordingTimer(DeviceTimer):
+        def __enter__(self):
+            seen.append("enter")
+            return super().__enter__()
+
+    model = plot_runtime.build_model("tiny", 1, torch.device("cpu"), torch.float32)
+    config = plot_runtime.models.QJLConfig.from_json(plot_runtime.DEFAULT_QJL_CONFIG)
+    m = plot_runtime.measure(model, "qjl", config, 256, 3, timer_factory=RecordingTimer)
+    assert seen == ["enter", "enter"]
+    assert m.encode_s > 0 and m.decode_s > 0 and m.cache_bytes > 0 and m.peak_bytes is None
+
+
+def test_runtime_default_writes_png_and_json(tmp_path):
+    data = plot_runtime.main(["--device", "cpu", "--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "runtime_tiny")
+    assert data["lengths"] == [256, 512, 1024, 2048]
+    for method in ("exact", "qjl", "kivi"):
+        r = data["results"][method]
+        assert all(t > 0 for t in r["encode_s"] + r["decode_s"])
+        assert r["total_s"] == pytest.approx([e + d for e, d in zip(r["encode_s"], r["decode_s"])], rel=0.5)
+
+
+def test_memory_default_shows_the_compressed_caches_smaller(tmp_path):
+    data = plot_memory_peak.main(["--device", "cpu", "--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "memory_tiny")
+    exact, qjl = data["results"]["exact"]["cache_bytes"], data["results"]["qjl"]["cache_bytes"]
+    assert exact == sorted(exact) and qjl[-1] * 4 < exact[-1]
+
+
+def test_distortion_falls_with_sketch_size(tmp_path):
+    data = plot_distortion.main(["--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "distortion_synthetic")
+    plain = data["results"]["no outliers"]
+    assert all(a > b for a, b in zip(plain, plain[1:]))
+    with_outliers = data["results"]["8 outliers"]
+    assert with_outliers[-1] < with_outliers[0] and all(o < p for o, p in zip(with_outliers, plain))
+
+
+def test_distortion_from_a_model_run(tmp_path):
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    data = plot_distortion.main(["--model", str(tmp_path / "model"), "--tokens", "128", "--queries", "16",
+                                 "--output_dir", str(tmp_path)])
+    assert data["layers"] == [0, 1] and data["head_dim"] == 64
+    plain = data["results"]["no outliers"]
+    assert plain[-1] < plain[0]
