@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
-import transformers.generation.utils as generation_utils
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import models  # registers the "qjl" attention function (once the cache issue lands)
+import models  # registers the "qjl" attention function
 from models import MemoryReport, QJLConfig
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def attention_implementation() -> str:
-    """``"qjl"`` (runs every method's cache) when ``models`` registered it, else ``"sdpa"``."""
-    return "qjl" if "qjl" in AttentionInterface() else "sdpa"
+    """``"qjl"``: it runs every method's cache (SDPA for exact and quanto)."""
+    return models.ATTN_IMPLEMENTATION
 
 
 def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None, device_map: str | None = None):
@@ -33,30 +31,16 @@ def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None,
     return model.eval(), tokenizer
 
 
-def quanto_available() -> bool:
-    """Whether optimum-quanto (transformers' QuantizedCache backend) is importable."""
-    try:
-        return importlib.util.find_spec("optimum.quanto") is not None
-    except ModuleNotFoundError:  # no "optimum" package at all
-        return False
-
-
 def unavailable_reason(method: str, model_config, qjl_config: QJLConfig | None) -> str | None:
     """Why ``method``'s cache cannot be built here (missing backend or not implemented), or None.
     Configuration errors (ValueError) are not caught: they are the user's to fix."""
-    if method == "quanto" and not quanto_available():
+    if method == "quanto" and not models.quanto_available():
         return "needs optimum-quanto (pip install optimum-quanto)"
     try:
         models.make_cache(method, model_config, qjl_config)
     except (ImportError, NotImplementedError) as e:
         return f"{type(e).__name__}: {e}"
     return None
-
-
-def _cache_kwarg() -> str:
-    """transformers renamed generate's ``past_key_values`` to ``cache`` (the old name still works
-    with a FutureWarning); pick whichever this version expects."""
-    return "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def input_device(model) -> torch.device:
@@ -93,7 +77,7 @@ def generate(
         num_beams=1,
         eos_token_id=stop_ids,
         pad_token_id=stop_ids[0],
-        **{_cache_kwarg(): cache},
+        **models.cache_kwargs(model, cache),
     )
     new = out[0, ids.shape[1] :]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), models.memory_report(cache))

@@ -16,7 +16,11 @@ METHODS = ("exact", "qjl", "kivi", "quanto")
 
 
 def quanto_available() -> bool:
-    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
+    """Whether optimum-quanto (transformers' QuantizedCache backend) is importable."""
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:  # no "optimum" package at all
+        return False
 
 
 def make_cache(method: str, model_config: PreTrainedConfig, qjl_config: QJLConfig | None = None) -> Cache:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import models
 from longbench_tiny import SMALL_QJL_FLAGS, write_longbench_data
 
 import longbench
@@ -46,11 +48,10 @@ def test_qjl_flags_override_preset():
     assert args.method == ["exact", "qjl", "kivi"]
 
 
-def test_attention_helper_prefers_qjl_when_registered():
+def test_models_load_with_the_qjl_attention():
     from transformers import AttentionInterface
 
-    expected = "qjl" if "qjl" in AttentionInterface() else "sdpa"
-    assert generation.attention_implementation() == expected
+    assert generation.attention_implementation() == "qjl" and "qjl" in AttentionInterface()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -77,7 +78,7 @@ def test_run_completes(method, tiny_model_dir, tmp_path, capsys):
 
 
 def test_quanto_without_backend_is_reported(tiny_model_dir, tmp_path, capsys):
-    if generation.quanto_available():
+    if models.quanto_available():
         pytest.skip("optimum-quanto is installed here")
     data_dir = write_longbench_data(tmp_path / "data", {"qasper": 1})
     with pytest.raises(SystemExit, match="no requested method can run here.*optimum-quanto"):
