@@ -1,0 +1,109 @@
+"""The synthetic task generator: determinism, LongBench format, lengths with the shipped tokenizer."""
+
+import json
+
+import pytest
+
+import synthetic_tasks
+from longbench_eval import data
+from tinylm.tokenizer import build_tokenizer
+
+LENGTHS = [512, 1024, 2048]
+N = 6  # two examples per length
+SEEDS = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_same_seed_writes_identical_files(tmp_path, seed):
+    first = synthetic_tasks.write_tasks(tmp_path / "a", N, LENGTHS, seed)
+    second = synthetic_tasks.write_tasks(tmp_path / "b", N, LENGTHS, seed)
+    assert [p.name for p in first] == [f"{t}.jsonl" for t in synthetic_tasks.TASKS]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_other_seed_other_examples_and_prefix_stability():
+    a = synthetic_tasks.generate("passkey", N, LENGTHS, seed=0)
+    b = synthetic_tasks.generate("passkey", N, LENGTHS, seed=1)
+    assert [r["answers"] for r in a] != [r["answers"] for r in b]
+    # example i does not depend on how many examples are asked for
+    assert synthetic_tasks.generate("passkey", 2, LENGTHS, seed=0) == a[:2]
+
+
+@pytest.mark.parametrize("task", synthetic_tasks.TASKS)
+def test_records_have_longbench_fields(task):
+    for i, r in enumerate(synthetic_tasks.generate(task, N, LENGTHS, seed=0)):
+        assert set(r) == {"input", "context", "answers", "length", "all_classes", "dataset", "_id"}
+        assert isinstance(r["input"], str) and r["input"].startswith("What is the ")
+        assert isinstance(r["context"], str)
+        assert isinstance(r["answers"], list) and len(r["answers"]) == 1
+        answer = r["answers"][0]
+        assert answer.isdigit() and len(set(answer)) == len(answer)  # distinct digits
+        assert f" is {answer}." in r["context"]
+        label = r["input"][len("What is the "): r["input"].index("?")]
+        assert f"The {label} is {answer}." in r["context"]  # the asked label holds the answer
+        assert r["length"] == len(r["context"].split())
+        assert r["all_classes"] is None and r["dataset"] == task
+        assert r["_id"].endswith(f"L{LENGTHS[i % len(LENGTHS)]}")
+    ids = [r["_id"] for r in synthetic_tasks.generate(task, N, LENGTHS, seed=0)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_multikey_holds_several_labelled_numbers():
+    for r in synthetic_tasks.generate("multikey", N, LENGTHS, seed=0):
+        numbers = [w.rstrip(".") for w in r["context"].split() if w[0].isdigit()]
+        assert len(numbers) == synthetic_tasks.MULTIKEY_COUNT
+        assert len(set("".join(numbers))) == sum(map(len, numbers))  # digits distinct across numbers
+
+
+@pytest.mark.parametrize("task", synthetic_tasks.TASKS)
+def test_prompt_lengths_in_requested_range(task, tokenizer):
+    template = synthetic_tasks.load_table("dataset2prompt")[task]
+    for i, r in enumerate(synthetic_tasks.generate(task, N, LENGTHS, seed=0)):
+        prompt = template.format(**r)
+        ids = tokenizer(prompt).input_ids
+        assert len(ids) == synthetic_tasks.count_tokens(prompt)
+        assert tokenizer.unk_token_id not in ids
+        target = LENGTHS[i % len(LENGTHS)]
+        assert target - 12 <= len(ids) <= target
+
+
+def test_too_short_length_is_rejected():
+    with pytest.raises(ValueError, match="too short"):
+        synthetic_tasks.generate("multikey", 1, [40])
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        synthetic_tasks.generate("nope", 1)
+
+
+def test_tables_cover_every_task():
+    prompts = synthetic_tasks.load_table("dataset2prompt")
+    maxlen = synthetic_tasks.load_table("dataset2maxlen")
+    metric = synthetic_tasks.load_table("dataset2metric")
+    for task in synthetic_tasks.TASKS:
+        assert "{context}" in prompts[task] and "{input}" in prompts[task]
+        assert maxlen[task] >= 8  # word marker + 5 digits + period + EOS
+        assert metric[task] == "qa_f1_score"
+
+
+def test_loads_through_the_longbench_loader_and_scores(tmp_path):
+    synthetic_tasks.write_tasks(tmp_path, N, LENGTHS, seed=0)
+    metrics = pytest.importorskip("metrics")
+    for task in synthetic_tasks.TASKS:
+        examples = data.load_examples(task, data_dir=tmp_path)
+        assert len(examples) == N and examples[0]["index"] == 0
+        metric = getattr(metrics, synthetic_tasks.load_table("dataset2metric")[task])
+        answer = examples[0]["answers"][0]
+        assert metric(f"{answer}.", answer) == 1.0
+        assert metric("13579", "02468") == 0.0
+
+
+def test_cli_writes_files(tmp_path):
+    synthetic_tasks.main(["--out_dir", str(tmp_path), "--n", "3", "--lengths", "512", "--seed", "0"])
+    for task in synthetic_tasks.TASKS:
+        lines = (tmp_path / f"{task}.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and json.loads(lines[0])["dataset"] == task
