@@ -8,11 +8,14 @@ the CPU path:
 - :func:`quantize_values` values -> packed 2/4-bit codes, per-group scales and mins
 - :func:`value_matmul`    weights x dequant(values), GQA-aware
 
-:func:`backend_for` says which implementation runs for given tensors.
+:func:`backend_for` says which implementation runs for given tensors, :func:`backend_info` whether
+the CUDA extension loaded and why not.
 """
 
 from .ops import (
+    BackendInfo,
     backend_for,
+    backend_info,
     dequantize_keys,
     dequantize_values,
     key_scores,
@@ -24,10 +27,12 @@ from .reference import QJL_SCALE
 from .types import QuantizedKeys, QuantizedValues
 
 __all__ = [
+    "BackendInfo",
     "QJL_SCALE",
     "QuantizedKeys",
     "QuantizedValues",
     "backend_for",
+    "backend_info",
     "dequantize_keys",
     "dequantize_values",
     "key_scores",
