@@ -1,0 +1,251 @@
+"""GPU tier: every CUDA op against its PyTorch reference (run with `pytest -m cuda` on a GPU machine).
+
+Oracles and tolerances (DESIGN.md section 4, csrc/README.md):
+- quantize_keys: sign bits bit-exact wherever the float64 sketch is farther from 0 than
+  SIGN_MARGIN x sum_j |S_ij k_j| (float32 sums in another order may round a near-zero coordinate to
+  the other sign: the documented rounding-tie exception); norms within NORM_RTOL[dtype].
+- key_scores: both paths compute in float32 from the same inputs, so they differ only by summation
+  order: |cuda - ref| <= SCORE_ATOL[dtype] * ||q|| * ||k||.
+- quantize_values: codes, scales and mins bit-exact against the CPU reference (the reference run on
+  CUDA divides by 2^b - 1 through a float32 reciprocal, a different rounding).
+- value_matmul: the same dequantized values on both paths, float32 sums in another order:
+  |cuda - ref| <= MATMUL_RTOL * (|weights| @ |dequant(V)|).
+"""
+
+import math
+
+import pytest
+import torch
+
+import qjl_kernel
+from qjl_kernel import QuantizedKeys, QuantizedValues, reference
+from qjl_kernel import ops as qjl_ops
+from qjl_kernel.packing import unpack_sign_bits
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(qjl_ops._cuda_ops() is None, reason="qjl_kernel._C is not built (pip install -e . with nvcc)"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SEEDS = [0]
+# (batch, kv_heads, gqa_ratio, n_groups, group, head_dim, m, m_o, n_out)
+KEY_CASES = [
+    (1, 1, 1, 2, 32, 128, 256, 256, 8),  # paper configuration, MHA
+    (2, 8, 4, 3, 32, 128, 256, 256, 8),  # Llama-3-8B shapes, GQA 4
+    (4, 2, 8, 2, 32, 64, 64, 64, 0),  # no outliers, GQA 8
+    (1, 4, 1, 2, 32, 256, 1024, 512, 8),  # head_dim 256, large sketch
+    (3, 2, 4, 2, 20, 128, 520, 128, 8),  # partial group (20 tokens), m not a multiple of 32
+    (2, 1, 8, 1, 40, 64, 128, 0, 0),  # group longer than a warp, no outlier sketch
+    (1, 2, 2, 2, 16, 64, 256, 64, 64),  # every channel an outlier
+]
+QUERY_LENGTHS = [1, 3]
+SIGN_MARGIN = 1e-4
+NORM_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+# Both paths read the same (dtype-rounded) inputs and compute in float32: one tolerance for all.
+SCORE_ATOL = {torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float32: 2e-5}
+# (leading shape, tokens, head_dim, group_size, bits)
+VALUE_CASES = [
+    ((1, 1), 37, 128, 32, 2),
+    ((2, 8), 130, 128, 32, 4),
+    ((4, 2), 5, 64, 64, 2),
+    ((2, 4), 64, 256, 128, 4),
+    ((1, 3), 33, 128, 8, 2),  # group smaller than a packed word (16 codes)
+    ((3,), 17, 64, 16, 4),  # rank 3 values
+]
+MATMUL_RTOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float32: 1e-5}
+GQA_RATIOS = [1, 4, 8]
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _projection(m, d, seed):
+    return torch.randn(m, d, device="cuda", generator=_gen(seed + 1))
+
+
+def _keys_case(case, dtype, seed):
+    batch, kv_heads, ratio, n_groups, group, d, m, m_o, n_out = case
+    gen = _gen(seed)
+    keys = torch.randn(batch, kv_heads, n_groups, group, d, device="cuda", generator=gen)
+    keys[..., :3] *= 8  # planted outlier channels
+    keys = keys.to(dtype)
+    scores = keys.float().norm(dim=3)  # [B, H, N, d]
+    outliers = scores.topk(n_out, dim=-1).indices.to(torch.uint8) if n_out else torch.zeros(
+        batch, kv_heads, n_groups, 0, dtype=torch.uint8, device="cuda")
+    return keys, outliers, _projection(m, d, seed), m_o
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", KEY_CASES)
+def test_quantize_keys_matches_reference(case, dtype, seed):
+    keys, outliers, proj, m_o = _keys_case(case, dtype, seed)
+    got = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    want = reference.quantize_keys_ref(keys, outliers, proj, m_o)
+    assert qjl_kernel.backend_for(keys) == "cuda"
+    # Float64 sketch decides which coordinates are safely away from 0.
+    k = keys.double()
+    mask = torch.zeros(*k.shape[:3], 1, k.shape[-1], dtype=torch.float64, device="cuda")
+    mask.scatter_(-1, outliers.long().unsqueeze(3), 1.0)
+    s = proj.double()
+    for name, part, rows in (("bits", k * (1 - mask), s), ("outlier_bits", k * mask, s[:m_o])):
+        sketch = part @ rows.T
+        margin = SIGN_MARGIN * (part.abs() @ rows.abs().T)
+        safe = (sketch.abs() > margin) | (margin == 0)
+        got_bits, want_bits = getattr(got, name), getattr(want, name)
+        assert got_bits.shape == want_bits.shape and got_bits.dtype == torch.uint8
+        g, w = unpack_sign_bits(got_bits), unpack_sign_bits(want_bits)
+        assert torch.equal(g[safe], w[safe]), f"{name}: {(g[safe] != w[safe]).sum()} sign bits differ"
+        assert safe.numel() == 0 or safe.float().mean() > 0.99
+    for name in ("inlier_norms", "outlier_norms"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=NORM_RTOL[dtype], atol=1e-6)
+    assert torch.equal(got.outlier_indices, want.outlier_indices)
+
+
+def _narrowed(t, extra):
+    """The same values as a view of a bigger buffer along dim 2 (as the cache stores them)."""
+    shape = list(t.shape)
+    shape[2] += extra
+    buf = torch.full(shape, 0, dtype=t.dtype, device=t.device)
+    buf.narrow(2, 0, t.shape[2]).copy_(t)
+    return buf.narrow(2, 0, t.shape[2])
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("length", QUERY_LENGTHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", KEY_CASES)
+def test_key_scores_matches_reference(case, dtype, length, strided):
+    keys, outliers, proj, m_o = _keys_case(case, dtype, 0)
+    batch, kv_heads, ratio, *_ , d = case[:6]
+    state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
+    query = torch.randn(batch, kv_heads * ratio, length, d, device="cuda", generator=_gen(7)).to(dtype)
+    want = reference.key_scores_ref(query, state, proj)
+    if strided:
+        state = QuantizedKeys(*(_narrowed(t, 3) for t in state))
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    k_norm = (state.inlier_norms.float() ** 2 + state.outlier_norms.float() ** 2).sqrt()
+    k_norm = k_norm.flatten(2).repeat_interleave(ratio, dim=1)[:, :, None, :]  # [B, H_q, 1, T]
+    bound = SCORE_ATOL[dtype] * query.float().norm(dim=-1, keepdim=True) * k_norm + 1e-6
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+
+
+def test_key_scores_single_row_query():
+    keys, outliers, proj, m_o = _keys_case(KEY_CASES[1], torch.bfloat16, 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    query = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        qjl_kernel.key_scores(query, state, proj), reference.key_scores_ref(query.unsqueeze(2), state, proj).squeeze(2),
+        rtol=1e-4, atol=1e-3)
+
+
+def _values(lead, tokens, d, dtype, seed, ties=False):
+    gen = _gen(seed)
+    if ties:  # a coarse grid makes (v - min) / scale hit x.5 exactly: round-half-to-even matters
+        v = torch.randint(0, 7, (*lead, tokens, d), device="cuda", generator=gen).float() / 2
+    else:
+        v = torch.randn(*lead, tokens, d, device="cuda", generator=gen) * 3
+    v = v.to(dtype)
+    v[..., 0, :] = 1.5  # a constant row: scale 0, codes 0
+    return v
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_quantize_values_bit_exact(case, dtype, ties):
+    lead, tokens, d, group_size, bits = case
+    values = _values(lead, tokens, d, dtype, 0, ties)
+    got = qjl_kernel.quantize_values(values, group_size, bits)
+    want = reference.quantize_values_ref(values.cpu(), group_size, bits)
+    assert torch.equal(got.codes.cpu(), want.codes)
+    assert torch.equal(got.scales.cpu(), want.scales) and got.scales.dtype == dtype
+    assert torch.equal(got.mins.cpu(), want.mins)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("ratio", GQA_RATIOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", VALUE_CASES[:5])
+def test_value_matmul_matches_reference(case, dtype, ratio, strided):
+    lead, tokens, d, group_size, bits = case
+    batch, kv_heads = lead
+    state = reference.quantize_values_ref(_values(lead, tokens, d, dtype, 1), group_size, bits)
+    logits = torch.randn(batch, kv_heads * ratio, 2, tokens + 7, device="cuda", generator=_gen(2))
+    weights = logits.softmax(-1).to(dtype)[..., :tokens]  # a narrowed last dim, as a split softmax gives
+    if strided:
+        state = state._replace(codes=_narrowed(state.codes, 50), scales=_narrowed(state.scales, 50),
+                               mins=_narrowed(state.mins, 50))
+    got = qjl_kernel.value_matmul(weights, state)
+    want = reference.value_matmul_ref(weights, state)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    dense = reference.dequantize_values_ref(state).abs()
+    w = weights.float().abs().view(batch, kv_heads, ratio, 2, tokens)
+    bound = MATMUL_RTOL[dtype] * (w @ dense.unsqueeze(2)).view_as(want) + 1e-6
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+
+
+def test_value_matmul_long_context_splits():
+    """Enough tokens to split the reduction over many blocks."""
+    state = reference.quantize_values_ref(torch.randn(1, 8, 20000, 128, device="cuda"), 32, 2)
+    weights = torch.randn(1, 32, 1, 20000, device="cuda").softmax(-1)
+    torch.testing.assert_close(qjl_kernel.value_matmul(weights, state), reference.value_matmul_ref(weights, state),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_ops_follow_the_input_device():
+    """Outputs land on the inputs' device, also when it is not the current one."""
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    values = torch.randn(1, 2, 40, 64, device=device)
+    state = qjl_kernel.quantize_values(values, 32, 2)
+    assert state.codes.device == device
+    out = qjl_kernel.value_matmul(torch.rand(1, 2, 1, 40, device=device), state)
+    assert out.device == device
+
+
+def test_opcheck_every_op():
+    ops = torch.ops.qjl
+    keys, outliers, proj, m_o = _keys_case(KEY_CASES[4], torch.float16, 0)
+    torch.library.opcheck(ops.quantize_keys.default, (keys, outliers, proj, m_o))
+    state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
+    query = torch.randn(3, 8, 2, 128, device="cuda")
+    torch.library.opcheck(ops.key_scores.default, (query, *state[:4], state.outlier_indices, proj))
+    values = _values((2, 2), 19, 64, torch.bfloat16, 0)
+    torch.library.opcheck(ops.quantize_values.default, (values, 32, 2))
+    q = reference.quantize_values_ref(values, 32, 2)
+    weights = torch.rand(2, 4, 1, 19, device="cuda")
+    torch.library.opcheck(ops.value_matmul.default, (weights, q.codes, q.scales, q.mins, 2, 32))
+
+
+def test_cuda_errors_name_the_argument():
+    values = torch.randn(4, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="values must be float16, bfloat16 or float32"):
+        torch.ops.qjl.quantize_values.default(values.double(), 32, 2)
+    with pytest.raises(RuntimeError, match="group_size must be a positive divisor"):
+        torch.ops.qjl.quantize_values.default(values, 24, 2)
+    q = reference.quantize_values_ref(torch.randn(1, 2, 5, 64, device="cuda"), 32, 2)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        torch.ops.qjl.value_matmul.default(torch.rand(1, 2, 1, 5), q.codes, q.scales, q.mins, 2, 32)
+    with pytest.raises(RuntimeError, match="weights must be"):
+        torch.ops.qjl.value_matmul.default(torch.rand(1, 2, 1, 6, device="cuda"), q.codes, q.scales, q.mins, 2, 32)
+
+
+def test_compile_traces_the_ops():
+    values = torch.randn(1, 2, 40, 64, device="cuda", dtype=torch.float16)
+    weights = torch.rand(1, 4, 1, 40, device="cuda")
+
+    def step(v, w):
+        q = qjl_kernel.quantize_values(v, 32, 2)
+        return qjl_kernel.value_matmul(w, q)
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(values, weights), step(values, weights))
+
+
+def test_qjl_scale_constant():
+    assert math.isclose(qjl_kernel.QJL_SCALE, math.sqrt(math.pi / 2))
