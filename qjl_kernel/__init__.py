@@ -13,6 +13,7 @@ the CUDA extension loaded and why not.
 """
 
 from .ops import (
+    BACKENDS,
     BackendInfo,
     backend_for,
     backend_info,
@@ -21,12 +22,15 @@ from .ops import (
     key_scores,
     quantize_keys,
     quantize_values,
+    set_backend,
+    use_backend,
     value_matmul,
 )
 from .reference import QJL_SCALE
 from .types import QuantizedKeys, QuantizedValues
 
 __all__ = [
+    "BACKENDS",
     "BackendInfo",
     "QJL_SCALE",
     "QuantizedKeys",
@@ -38,5 +42,7 @@ __all__ = [
     "key_scores",
     "quantize_keys",
     "quantize_values",
+    "set_backend",
+    "use_backend",
     "value_matmul",
 ]

@@ -9,6 +9,8 @@ backend is active and why.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import NamedTuple
 
 import torch
@@ -65,11 +67,43 @@ def backend_info() -> BackendInfo:
     )
 
 
+BACKENDS = ("auto", "reference", "cuda")
+_forced_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for every op: ``"auto"`` (default: CUDA kernels for CUDA tensors when the
+    extension is built, else the reference), ``"reference"`` or ``"cuda"`` (an error when the
+    kernels cannot run). The environment variable ``QJL_BACKEND`` sets the initial choice."""
+    global _forced_backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced_backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("reference"): ...`` runs the block with a forced backend."""
+    previous = _forced_backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
     """Name of the backend the ops use for these tensors: ``"cuda"`` or ``"reference"``."""
-    if _cuda_ops() is not None and all(t.is_cuda for t in tensors):
-        return "cuda"
-    return "reference"
+    if _forced_backend == "reference":
+        return "reference"
+    runnable = _cuda_ops() is not None and all(t.is_cuda for t in tensors)
+    if _forced_backend == "cuda" and not runnable:
+        why = _EXTENSION_ERROR if _OPS is None else "not every tensor is on a GPU"
+        raise RuntimeError(f"the qjl_kernel backend is forced to 'cuda' but the kernels cannot run: {why}")
+    return "cuda" if runnable else "reference"
+
+
+set_backend(os.environ.get("QJL_BACKEND", "auto"))
 
 
 def _use_cuda(*tensors: torch.Tensor, floats: tuple[torch.Tensor, ...] = ()) -> bool:

@@ -152,7 +152,10 @@ def quantize_values_ref(values: torch.Tensor, group_size: int, bits: int) -> Qua
     levels = (1 << bits) - 1
     grouped = values.float().reshape(*lead, tokens, dim // group_size, group_size)
     mins = grouped.amin(-1).to(values.dtype)
-    scales = ((grouped.amax(-1) - mins.float()) / levels).to(values.dtype)
+    # Tensor-by-tensor division: CUDA turns division by a Python scalar into a multiplication by
+    # its reciprocal, which rounds differently; this keeps the reference identical on every device.
+    spread = grouped.amax(-1) - mins.float()
+    scales = torch.div(spread, torch.full_like(spread, levels)).to(values.dtype)
     safe_scales = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
     codes = torch.round((grouped - mins.float().unsqueeze(-1)) / safe_scales.unsqueeze(-1))
     codes = codes.clamp_(0, levels).reshape(*lead, tokens, dim)

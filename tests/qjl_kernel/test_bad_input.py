@@ -95,3 +95,16 @@ def test_value_matmul_rejects():
     bad = QuantizedValues(q.codes, q.scales[..., :1], q.mins, 2, 32)
     with pytest.raises(ValueError, match="values.scales"):
         qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), bad)
+
+
+def test_backend_override():
+    x = torch.randn(1, 1, 4, 32)
+    assert qjl_kernel.backend_for(x) == "reference"
+    with qjl_kernel.use_backend("reference"):
+        assert qjl_kernel.backend_for(x) == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qjl_kernel.set_backend("tpu")
+    with qjl_kernel.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="forced to 'cuda'"):
+            qjl_kernel.quantize_values(x, 32, 2)
+    assert qjl_kernel.backend_for(x) == "reference"
