@@ -1,10 +1,17 @@
 """The public QJL ops: one function per op, checked arguments, backend dispatch.
 
-Each function validates its arguments (errors name the argument), then runs the CUDA kernels
-(``torch.ops.qjl.*`` from the extension ``qjl_kernel._C``, sources in ``csrc/``) when the extension
-is built and every tensor is on a GPU, else the pure-PyTorch reference. float64 inputs always use
-the reference (the kernels read float16, bfloat16 and float32). :func:`backend_info` says which
-backend is active and why.
+Each function validates its arguments (errors name the argument), then runs one of three backends:
+
+- ``cuda``: the CUDA kernels (``torch.ops.qjl.*`` from the extension ``qjl_kernel._C``, ``csrc/``);
+- ``triton``: the Triton kernels of :mod:`qjl_kernel.triton_ops` (compiled for GPU tensors; CPU
+  tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them);
+- ``reference``: the pure-PyTorch references (:mod:`qjl_kernel.reference`, the spec).
+
+``auto`` (the default) picks CUDA when the extension is built and every tensor is on a GPU, else
+Triton when it is importable and every tensor is on a GPU, else the reference. ``QJL_BACKEND`` /
+:func:`set_backend` / :func:`use_backend` force one. All four ops follow the same choice; float64
+inputs always use the reference (the kernels read float16, bfloat16 and float32).
+:func:`backend_for` names the backend for given tensors, :func:`backend_info` says what is available.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, reference
+from . import _checks, reference, triton_ops
 from .types import QuantizedKeys, QuantizedValues
 
 _KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,40 +48,60 @@ def _cuda_ops():
 
 
 class BackendInfo(NamedTuple):
-    """Which backend the ops use: ``active`` is ``"cuda"`` when CUDA tensors run the kernels."""
+    """Which backend the ops use for GPU tensors (``active``: ``"cuda"``, ``"triton"`` or
+    ``"reference"``; CPU tensors use the reference unless a backend is forced) and why."""
 
     active: str
     extension: str | None  # path of the loaded extension
     reason: str
+    triton: str | None = None  # version of the importable Triton, None when it is not importable
 
     def __str__(self) -> str:
         return f"qjl_kernel backend: {self.active} ({self.reason})"
 
 
+def _triton_summary() -> str:
+    if triton_ops.TRITON_ERROR is not None:
+        return f"Triton not importable ({triton_ops.TRITON_ERROR})"
+    mode = "interpreter (TRITON_INTERPRET=1)" if triton_ops.interpreted() else "compiled"
+    return f"Triton {triton_ops.TRITON_VERSION} importable, {mode}"
+
+
 def backend_info() -> BackendInfo:
-    """Which backend the ops use and why (CPU tensors always use the reference)."""
+    """Which backend the ops use for GPU tensors and why (CPU tensors use the reference unless a
+    backend is forced); the reason also says what Triton and the extension offer."""
+    triton_version = triton_ops.TRITON_VERSION if triton_ops.TRITON_ERROR is None else None
     if _OPS is None:
-        return BackendInfo(
-            "reference",
-            None,
+        extension = (
             f"CUDA extension qjl_kernel._C not loaded ({_EXTENSION_ERROR}); build it with "
-            "`pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch",
+            "`pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch"
         )
-    if not torch.cuda.is_available():
-        return BackendInfo("reference", _EXTENSION_PATH, "CUDA extension loaded but no GPU is visible")
-    return BackendInfo(
-        "cuda", _EXTENSION_PATH, "CUDA extension loaded; CUDA tensors use the kernels, CPU tensors the reference"
-    )
+    else:
+        extension = "CUDA extension loaded"
+    gpu = torch.cuda.is_available()
+    if _forced_backend != "auto":
+        active = _forced_backend
+        why = f"forced to {_forced_backend!r} (QJL_BACKEND / set_backend)"
+    elif gpu and _OPS is not None:
+        active, why = "cuda", "CUDA tensors use the CUDA kernels, CPU tensors the reference"
+    elif gpu and triton_version is not None:
+        active, why = "triton", "CUDA tensors use the Triton kernels, CPU tensors the reference"
+    else:
+        active = "reference"
+        why = "no GPU is visible" if not gpu else "neither the CUDA extension nor Triton can run"
+    return BackendInfo(active, _EXTENSION_PATH, f"{why}; {extension}; {_triton_summary()}", triton_version)
 
 
-BACKENDS = ("auto", "reference", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cuda")
 _forced_backend = "auto"
 
 
 def set_backend(name: str) -> None:
     """Force a backend for every op: ``"auto"`` (default: CUDA kernels for CUDA tensors when the
-    extension is built, else the reference), ``"reference"`` or ``"cuda"`` (an error when the
-    kernels cannot run). The environment variable ``QJL_BACKEND`` sets the initial choice."""
+    extension is built, else Triton kernels for CUDA tensors when Triton is importable, else the
+    reference), ``"reference"``, ``"triton"`` or ``"cuda"`` (the last two raise when their kernels
+    cannot run; ``"triton"`` runs CPU tensors under Triton's interpreter when the process was started
+    with ``TRITON_INTERPRET=1``). The environment variable ``QJL_BACKEND`` sets the initial choice."""
     global _forced_backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -92,22 +119,72 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+def _triton_unavailable(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the Triton kernels cannot run on these tensors, or None."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"the tensors are on several devices {sorted(map(str, devices))}"
+    device = devices.pop() if devices else torch.device("cpu")
+    return triton_ops.unavailable_reason(device)
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
-    """Name of the backend the ops use for these tensors: ``"cuda"`` or ``"reference"``."""
+    """Name of the backend the ops use for these tensors: ``"cuda"``, ``"triton"`` or ``"reference"``
+    (float64 inputs use the reference whatever this says)."""
     if _forced_backend == "reference":
         return "reference"
-    runnable = _cuda_ops() is not None and all(t.is_cuda for t in tensors)
-    if _forced_backend == "cuda" and not runnable:
-        why = _EXTENSION_ERROR if _OPS is None else "not every tensor is on a GPU"
-        raise RuntimeError(f"the qjl_kernel backend is forced to 'cuda' but the kernels cannot run: {why}")
-    return "cuda" if runnable else "reference"
+    on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
+    cuda_runnable = _cuda_ops() is not None and on_gpu
+    if _forced_backend == "cuda":
+        if not cuda_runnable:
+            why = _EXTENSION_ERROR if _OPS is None else "not every tensor is on a GPU"
+            raise RuntimeError(f"the qjl_kernel backend is forced to 'cuda' but the kernels cannot run: {why}")
+        return "cuda"
+    if _forced_backend == "triton":
+        why = _triton_unavailable(tensors)
+        if why is not None:
+            raise RuntimeError(f"the qjl_kernel backend is forced to 'triton' but the kernels cannot run: {why}")
+        return "triton"
+    if cuda_runnable:
+        return "cuda"
+    if on_gpu and triton_ops.TRITON_ERROR is None:
+        return "triton"
+    return "reference"
 
 
 set_backend(os.environ.get("QJL_BACKEND", "auto"))
 
 
-def _use_cuda(*tensors: torch.Tensor, floats: tuple[torch.Tensor, ...] = ()) -> bool:
-    return backend_for(*tensors) == "cuda" and all(t.dtype in _KERNEL_FLOATS for t in floats)
+def _kernels(*tensors: torch.Tensor, floats: tuple[torch.Tensor, ...] = ()):
+    """The kernel namespace (``torch.ops.qjl`` style: ``.quantize_keys(...)`` etc.) for these
+    tensors, or None for the reference."""
+    backend = backend_for(*tensors)
+    if backend == "reference" or not all(t.dtype in _KERNEL_FLOATS for t in floats):
+        return None
+    return _CUDA_KERNELS if backend == "cuda" else triton_ops
+
+
+class _CudaKernels:
+    """``torch.ops.qjl.*.default`` under the names of :mod:`qjl_kernel.triton_ops`."""
+
+    @staticmethod
+    def quantize_keys(*args):
+        return _OPS.quantize_keys.default(*args)
+
+    @staticmethod
+    def key_scores(*args):
+        return _OPS.key_scores.default(*args)
+
+    @staticmethod
+    def quantize_values(*args):
+        return _OPS.quantize_values.default(*args)
+
+    @staticmethod
+    def value_matmul(*args):
+        return _OPS.value_matmul.default(*args)
+
+
+_CUDA_KERNELS = _CudaKernels()
 
 
 def _dense_inner(t: torch.Tensor, dims: int) -> torch.Tensor:
@@ -135,9 +212,10 @@ def quantize_keys(
     ``S`` (a multiple of 8, 0 only when ``n_out == 0``). See :func:`reference.quantize_keys_ref`.
     """
     _checks.quantize_keys_args(keys, outlier_indices, projection, outlier_sketch_dim)
-    if _use_cuda(keys, outlier_indices, projection, floats=(keys,)):
+    kernels = _kernels(keys, outlier_indices, projection, floats=(keys,))
+    if kernels is not None:
         indices = outlier_indices.to(torch.uint8).contiguous()
-        bits, outlier_bits, inlier_norms, outlier_norms = _OPS.quantize_keys.default(
+        bits, outlier_bits, inlier_norms, outlier_norms = kernels.quantize_keys(
             keys.contiguous(), indices, projection, outlier_sketch_dim
         )
         return QuantizedKeys(bits, outlier_bits, inlier_norms, outlier_norms, indices)
@@ -152,8 +230,9 @@ def key_scores(query: torch.Tensor, keys: QuantizedKeys, projection: torch.Tenso
     single_row = query.dim() == 3
     if single_row:
         query = query.unsqueeze(2)
-    if _use_cuda(query, *keys, projection, floats=(query, keys.inlier_norms, keys.outlier_norms)):
-        scores = _OPS.key_scores.default(
+    kernels = _kernels(query, *keys, projection, floats=(query, keys.inlier_norms, keys.outlier_norms))
+    if kernels is not None:
+        scores = kernels.key_scores(
             query,
             _dense_inner(keys.bits, 2),
             _dense_inner(keys.outlier_bits, 2),
@@ -171,8 +250,9 @@ def quantize_values(values: torch.Tensor, group_size: int, bits: int) -> Quantiz
     """Quantize values ``[..., T, d]`` per token in groups of ``group_size`` channels to
     ``bits`` (2 or 4) bits. See :func:`reference.quantize_values_ref`."""
     _checks.quantize_values_args(values, group_size, bits)
-    if _use_cuda(values, floats=(values,)):
-        codes, scales, mins = _OPS.quantize_values.default(values.contiguous(), group_size, bits)
+    kernels = _kernels(values, floats=(values,))
+    if kernels is not None:
+        codes, scales, mins = kernels.quantize_values(values.contiguous(), group_size, bits)
         return QuantizedValues(codes, scales, mins, bits, group_size)
     return reference.quantize_values_ref(values, group_size, bits)
 
@@ -182,10 +262,11 @@ def value_matmul(weights: torch.Tensor, values: QuantizedValues) -> torch.Tensor
     ``H_q`` any multiple of ``H_kv``. See :func:`reference.value_matmul_ref`."""
     _checks.value_matmul_args(weights, values)
     codes, scales, mins = values.codes, values.scales, values.mins
-    if _use_cuda(weights, codes, scales, mins, floats=(scales, mins)) and scales.dtype == mins.dtype:
+    kernels = _kernels(weights, codes, scales, mins, floats=(scales, mins))
+    if kernels is not None and scales.dtype == mins.dtype:
         # float64 weights: the reference reads them as float32 too.
         w = weights if weights.dtype in _KERNEL_FLOATS else weights.float()
-        return _OPS.value_matmul.default(
+        return kernels.value_matmul(
             w,
             _dense_inner(codes, 1),
             _dense_inner(scales, 1),
