@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from longbench_eval import data, distributed, generation, prompting, records, scoring, tables
+from longbench_eval.methods import method_config, parse_method
 from models import METHODS, QJLConfig
 
 # QJLConfig fields settable from the command line (the original driver's flags, plus the outlier
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in QJL_FLAGS:
         p.add_argument(f"--{flag}", type=int, default=None, help="QJLConfig field (default: preset / paper value)")
     p.add_argument("--qjl_config", help="QJLConfig preset json (e.g. config/qjl_paper_llama2.json); flags override")
-    p.add_argument("--method", nargs="+", default=["qjl"], help=f"one or more of {', '.join(METHODS)}")
+    p.add_argument("--method", nargs="+", default=["qjl"],
+                   help=f"one or more of {', '.join(METHODS)}; qjl@<bits> sets QJL's sketch size (e.g. qjl@1024)")
     p.add_argument("--dataset_name", nargs="+", default=["all"], help="'all', names, or comma-separated lists")
     p.add_argument("--n_data", type=int, default=None, help="first N examples of each dataset (default: all)")
     p.add_argument("--longbench_e", action="store_true", help="LongBench-E (scores per length bucket)")
@@ -71,9 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.model_name:
         parser.error("--model_name is required (e.g. longchat-v1.5-7b-32k or a local model directory)")
     args.method = [m for item in args.method for m in item.split(",") if m]
-    unknown = sorted(set(args.method) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown --method {unknown}; choose from {', '.join(METHODS)}")
+    for method in args.method:
+        try:
+            parse_method(method)
+        except ValueError as e:
+            parser.error(f"--method: {e}")
     args.method = list(dict.fromkeys(args.method))
     return args
 
@@ -95,6 +99,7 @@ def predict(ctx, model, tokenizer, examples, dataset, method, qjl_config, run, d
         if str(e["_id"]) in done
     ]
     stop_ids = prompting.stop_token_ids(tokenizer, model.generation_config, dataset)
+    base_method, method_qjl_config = method_config(method, qjl_config)
     prefix = f"[rank {ctx.rank}] " if ctx.world_size > 1 else ""
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{prefix}{method} {dataset}", dynamic_ncols=True)
     with records.PredictionWriter(records.write_path(directory, ctx.rank, ctx.world_size)) as writer:
@@ -104,7 +109,7 @@ def predict(ctx, model, tokenizer, examples, dataset, method, qjl_config, run, d
             )
             ids = prompting.encode(tokenizer, text, add_special)
             out = generation.generate(
-                model, tokenizer, ids, method, qjl_config, run["max_new_tokens"][dataset], stop_ids,
+                model, tokenizer, ids, base_method, method_qjl_config, run["max_new_tokens"][dataset], stop_ids,
                 min_new_tokens=1 if dataset == "samsum" else 0,  # LongBench: min_length = prompt + 1 on samsum
             )  # fmt: skip
             writer.write(
@@ -237,7 +242,11 @@ def prepare(args: argparse.Namespace, ctx: distributed.DistContext) -> Plan:
         spec, lb.model2maxlen, getattr(model.config, "max_position_embeddings", None), args.max_length
     )
     chat_format = prompting.resolve_chat_format(args.chat_format, tokenizer, spec.names)
-    skipped = {m: why for m in args.method if (why := generation.unavailable_reason(m, model.config, qjl_config))}
+    skipped = {}
+    for method in args.method:
+        base, config = method_config(method, qjl_config)
+        if why := generation.unavailable_reason(base, model.config, config):
+            skipped[method] = why
     methods = [m for m in args.method if m not in skipped]
     attention = generation.attention_implementation()
     if ctx.is_main:
@@ -260,7 +269,7 @@ def prepare(args: argparse.Namespace, ctx: distributed.DistContext) -> Plan:
                 "model_path": spec.path, "dtype": args.dtype, "method": method, "max_length": max_length,
                 "max_new_tokens": max_new[dataset], "chat_format": chat_format,
                 "prompt_format": lb.dataset2prompt[dataset],
-                "qjl_config": None if method == "exact" else qjl_config.to_dict(),
+                "qjl_config": None if method == "exact" else method_config(method, qjl_config)[1].to_dict(),
             }  # fmt: skip
             records.check_settings(directory, settings)
             directories[(method, dataset)] = directory

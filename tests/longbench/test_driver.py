@@ -145,3 +145,23 @@ def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tmp_path):
         assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())  # no rank files
         assert (multi / records.PREDICTIONS).read_text() == (single / records.PREDICTIONS).read_text()
         assert (multi / records.RESULT).read_text() == (single / records.RESULT).read_text()
+
+
+def test_method_with_sketch_size(tiny_model_dir, tmp_path):
+    from longbench_eval.methods import method_config, parse_method
+
+    assert parse_method("qjl@1024") == ("qjl", 1024) and parse_method("kivi") == ("kivi", None)
+    for bad in ("kivi@64", "qjl@100", "qjl@", "fp8"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
+    base, config = method_config("qjl@64", models.QJLConfig())
+    assert (config.key_quantization_bits, config.key_quantization_bits_initial_layers) == (64, 64)
+    assert config.outlier_sketch_dim_general == 64 and config.outlier_sketch_dim_initial_layers == 64
+
+    data_dir = write_longbench_data(tmp_path / "data", {"qasper": 2})
+    out = tmp_path / "out"
+    longbench.main(cli(tiny_model_dir, data_dir, out, "--method", "qjl", "qjl@256", "--dataset_name", "qasper"))
+    results = {m: json.loads(next(out.rglob(f"{m}/qasper/result.json")).read_text()) for m in ("qjl", "qjl@256")}
+    assert results["qjl@256"]["settings"]["qjl_config"]["key_quantization_bits"] == 256
+    assert results["qjl"]["settings"]["qjl_config"]["key_quantization_bits"] == 64
+    assert results["qjl@256"]["kv_cache"]["bits_per_channel"] > results["qjl"]["kv_cache"]["bits_per_channel"]
