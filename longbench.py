@@ -35,11 +35,17 @@ QJL_FLAGS = (
     "outlier_sketch_dim_initial_layers", "value_quantization_bits", "group_size", "buffer_size", "seed",
 )  # fmt: skip
 
-USAGE_HINT = """\
-longbench.py needs a model and LongBench data, e.g.
-  python longbench.py --model_name longchat-v1.5-7b-32k --method exact qjl --dataset_name qasper --data_dir data/
-(--data_dir: LongBench's jsonl files; without it the data comes from the Hugging Face hub).
-Run with --help for every option."""
+ROOT = Path(__file__).resolve().parent
+# The offline default (`python longbench.py` with no arguments): the embedded tiny Llama on the
+# synthetic long-context tasks, for exact attention, QJL (the paper configuration, its initial-layer
+# share scaled to the model's depth), larger QJL sketches and KIVI.
+OFFLINE_MODEL = ROOT / "tinylm" / "model"
+OFFLINE_DATA = ROOT / "data" / "synthetic"
+OFFLINE_EXAMPLES = 24  # per task, lengths cycling over OFFLINE_LENGTHS
+OFFLINE_LENGTHS = (512, 1024, 2048)
+OFFLINE_SEED = 2024  # held out: tinylm/train.py draws its training examples from other seeds
+OFFLINE_METHODS = ("exact", "qjl", "qjl@512", "qjl@1024", "qjl@2048", "kivi")
+PAPER_INITIAL_LAYER_SHARE = 15 / 32  # the paper: the first 15 of Llama-2's 32 layers get 512-bit sketches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if not argv:
-        print(USAGE_HINT, file=sys.stderr)
-        raise SystemExit(2)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv or offline_default_argv())
     if not args.model_name:
         parser.error("--model_name is required (e.g. longchat-v1.5-7b-32k or a local model directory)")
     args.method = [m for item in args.method for m in item.split(",") if m]
@@ -80,6 +83,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--method: {e}")
     args.method = list(dict.fromkeys(args.method))
     return args
+
+
+def offline_default_argv() -> list[str]:
+    """The arguments of the offline default; writes the synthetic tasks first if they are missing."""
+    if not (OFFLINE_MODEL / "config.json").exists():
+        raise SystemExit(
+            f"the offline default needs the embedded model {OFFLINE_MODEL}, which is missing; "
+            "give a model and data instead (see --help), e.g.\n  python longbench.py --model_name "
+            "longchat-v1.5-7b-32k --method exact qjl --dataset_name qasper --data_dir LongBench/data"
+        )
+    import synthetic_tasks
+
+    data_dir = OFFLINE_DATA / f"n{OFFLINE_EXAMPLES}_seed{OFFLINE_SEED}"
+    if not all((data_dir / f"{task}.jsonl").exists() for task in synthetic_tasks.TASKS):
+        synthetic_tasks.write_tasks(data_dir, OFFLINE_EXAMPLES, OFFLINE_LENGTHS, OFFLINE_SEED)
+    layers = json.loads((OFFLINE_MODEL / "config.json").read_text())["num_hidden_layers"]
+    initial = max(1, round(PAPER_INITIAL_LAYER_SHARE * layers))
+    print(f"offline default: {OFFLINE_MODEL.relative_to(ROOT)} ({layers} layers; QJL's larger sketch on the first "
+          f"{initial}) on the synthetic tasks in {data_dir.relative_to(ROOT)}")
+    return [
+        "--model_name", str(OFFLINE_MODEL), "--dtype", "float32", "--data_dir", str(data_dir),
+        "--dataset_name", "synthetic", "--method", *OFFLINE_METHODS, "--initial_layers_count", str(initial),
+        "--output_dir", str(ROOT / "results" / "offline"),
+    ]  # fmt: skip
 
 
 def qjl_config_from_args(args: argparse.Namespace) -> QJLConfig:

@@ -6,9 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import metrics
 from metrics import DATASET_TO_METRIC
 
-from .tables import FIRST_LINE_DATASETS
+from .tables import CONFIG_DIR, FIRST_LINE_DATASETS, _read
+
+# The synthetic tasks name their LongBench metric in config/synthetic_dataset2metric.json.
+SYNTHETIC_METRICS = {name: getattr(metrics, metric) for name, metric in _read(CONFIG_DIR, "synthetic_dataset2metric").items()}
 
 LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
 
@@ -18,7 +22,7 @@ def score_prediction(dataset: str, prediction: str, answers: Sequence[str], all_
     triviaqa, samsum and lsht score only the first line after leading newlines."""
     if dataset in FIRST_LINE_DATASETS:
         prediction = prediction.lstrip("\n").split("\n")[0]
-    metric = DATASET_TO_METRIC[dataset]
+    metric = DATASET_TO_METRIC.get(dataset) or SYNTHETIC_METRICS[dataset]
     score = 0.0
     for answer in answers:
         score = max(score, metric(prediction, answer, all_classes=all_classes))

@@ -36,13 +36,23 @@ class Tables:
     model2path: dict[str, str]
 
 
+def _read(config_dir: Path, name: str) -> dict:
+    path = config_dir / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def synthetic_datasets(config_dir: str | Path = CONFIG_DIR) -> tuple[str, ...]:
+    """The project's synthetic long-context tasks (``synthetic_tasks.py``), in LongBench format:
+    their prompts, max new tokens and metrics live in ``config/synthetic_dataset2*.json``."""
+    return tuple(_read(Path(config_dir), "synthetic_dataset2prompt"))
+
+
 def load_tables(config_dir: str | Path = CONFIG_DIR) -> Tables:
+    """LongBench's tables, with the synthetic tasks' prompt and max-new-token entries merged in."""
     config_dir = Path(config_dir)
-
-    def read(name: str) -> dict:
-        return json.loads((config_dir / f"{name}.json").read_text(encoding="utf-8"))
-
-    return Tables(read("dataset2prompt"), read("dataset2maxlen"), read("model2maxlen"), read("model2path"))
+    prompts = {**_read(config_dir, "dataset2prompt"), **_read(config_dir, "synthetic_dataset2prompt")}
+    maxlen = {**_read(config_dir, "dataset2maxlen"), **_read(config_dir, "synthetic_dataset2maxlen")}
+    return Tables(prompts, maxlen, _read(config_dir, "model2maxlen"), _read(config_dir, "model2path"))
 
 
 def dataset_names(longbench_e: bool) -> tuple[str, ...]:
@@ -50,15 +60,19 @@ def dataset_names(longbench_e: bool) -> tuple[str, ...]:
 
 
 def select_datasets(requested: list[str] | None, longbench_e: bool) -> list[str]:
-    """Expand ``all`` and comma-separated lists; keep order, drop repeats; reject unknown names."""
+    """Expand ``all`` (LongBench's datasets) and ``synthetic`` (the project's synthetic tasks) and
+    comma-separated lists; keep order, drop repeats; reject unknown names."""
     known = dataset_names(longbench_e)
+    synthetic = () if longbench_e else synthetic_datasets()
+    groups = {"all": known, "synthetic": synthetic}
     names: list[str] = []
     for item in requested or ["all"]:
         for name in filter(None, (part.strip() for part in item.split(","))):
-            for expanded in known if name == "all" else (name,):
-                if expanded not in known:
+            for expanded in groups.get(name, (name,)):
+                if expanded not in known and expanded not in synthetic:
                     bench = "LongBench-E" if longbench_e else "LongBench"
-                    raise ValueError(f"unknown {bench} dataset {expanded!r}; choose from: all, {', '.join(known)}")
+                    choices = ", ".join(("all", *known, *(("synthetic", *synthetic) if synthetic else ())))
+                    raise ValueError(f"unknown {bench} dataset {expanded!r}; choose from: {choices}")
                 if expanded not in names:
                     names.append(expanded)
     return names

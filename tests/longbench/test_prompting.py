@@ -100,7 +100,12 @@ def test_model_names_and_prompt_budget():
 
 def test_tables_and_dataset_selection():
     lb = tables.load_tables()
-    assert set(lb.dataset2prompt) == set(lb.dataset2maxlen) == set(tables.LONGBENCH_DATASETS)
+    synthetic = set(tables.synthetic_datasets())
+    assert synthetic == {"passkey", "multikey"}
+    assert set(lb.dataset2prompt) == set(lb.dataset2maxlen) == set(tables.LONGBENCH_DATASETS) | synthetic
+    assert tables.select_datasets(["synthetic", "passkey", "qasper"], False) == ["passkey", "multikey", "qasper"]
+    with pytest.raises(ValueError, match="unknown LongBench-E dataset 'passkey'"):
+        tables.select_datasets(["passkey"], True)
     assert lb.dataset2maxlen["gov_report"] == 512 and lb.dataset2maxlen["hotpotqa"] == 32
     assert tables.select_datasets(["all"], True) == list(tables.LONGBENCH_E_DATASETS)
     assert len(tables.select_datasets(None, False)) == 21
