@@ -8,8 +8,10 @@ the CPU path:
 - :func:`quantize_values` values -> packed 2/4-bit codes, per-group scales and mins
 - :func:`value_matmul`    weights x dequant(values), GQA-aware
 
-:func:`backend_for` says which implementation runs for given tensors, :func:`backend_info` whether
-the CUDA extension loaded and why not.
+Backends: ``reference``, ``triton`` (:mod:`qjl_kernel.triton_ops`) and ``cuda`` (the extension);
+``auto`` picks CUDA, else Triton for GPU tensors, else the reference (``qjl_kernel/TRITON.md``).
+:func:`backend_for` says which implementation runs for given tensors, :func:`backend_info` what is
+available and why.
 """
 
 from .ops import (

@@ -341,12 +341,13 @@ def gpu_tier(test):
 needs_cuda_extension = pytest.mark.skipif(qjl_ops._cuda_ops() is None,
                                           reason="qjl_kernel._C is not built (pip install -e . with nvcc)")
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Each shape/dtype is a few Triton compilations (~1 s each): the lists stay short so that
+# scripts/gpu_check.sh keeps its time budget.
 GPU_KEY_CASES = KEY_CASES + [
     (2, 8, 4, 3, 32, 128, 256, 256, 8),  # Llama-3-8B shapes, GQA 4
-    (1, 4, 1, 2, 32, 256, 1024, 512, 8),  # head_dim 256, large sketch
-    (1, 2, 2, 2, 16, 64, 256, 64, 64),  # every channel an outlier
+    (1, 4, 1, 2, 32, 256, 1024, 512, 64),  # head_dim 256, large sketch, many outliers
 ]
-GPU_VALUE_CASES = VALUE_CASES + [((2, 8), 130, 128, 32, 4), ((2, 4), 64, 256, 128, 4)]
+GPU_VALUE_CASES = VALUE_CASES + [((2, 8), 130, 128, 32, 4)]
 
 
 @gpu_tier
@@ -354,7 +355,7 @@ GPU_VALUE_CASES = VALUE_CASES + [((2, 8), 130, 128, 32, 4), ((2, 4), 64, 256, 12
 @pytest.mark.parametrize("case", GPU_KEY_CASES, ids=_key_id)
 def test_gpu_triton_keys_match_reference(case, dtype):
     check_quantize_keys(case, dtype, "cuda")
-    for length, strided in SCORE_LAYOUTS + [(8, True)]:
+    for length, strided in SCORE_LAYOUTS:
         check_key_scores(case, dtype, length, strided, "cuda")
 
 
@@ -365,7 +366,7 @@ def test_gpu_triton_values_match_reference(case, dtype):
     for ties in (False, True):
         check_quantize_values(case, dtype, ties, "cuda")
     if len(case[0]) == 2:
-        for ratio in GQA_RATIOS + [8]:
+        for ratio in GQA_RATIOS:
             check_value_matmul(case, dtype, ratio, ratio != 1, "cuda")
 
 
@@ -382,7 +383,7 @@ def test_gpu_triton_long_context_splits():
 @gpu_tier
 @needs_cuda_extension
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("case", GPU_KEY_CASES[:5], ids=_key_id)
+@pytest.mark.parametrize("case", GPU_KEY_CASES[:3], ids=_key_id)
 def test_gpu_triton_matches_cuda_kernels(case, dtype):
     """Triton and CUDA kernels against each other (same oracles as against the reference)."""
     keys, outliers, projection, m_o = _keys_case(case, dtype, "cuda")
