@@ -18,9 +18,17 @@ import pytest
 import torch
 
 import qjl_kernel
-from qjl_kernel import QuantizedKeys, QuantizedValues, reference
+from qjl_kernel import QuantizedKeys, reference
 from qjl_kernel import ops as qjl_ops
-from qjl_kernel.packing import unpack_sign_bits
+from op_oracles import (
+    MATMUL_RTOL,
+    NORM_RTOL,
+    SCORE_ATOL,
+    assert_safe_signs_equal,
+    generator,
+    keys_case,
+    narrowed,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,10 +49,6 @@ KEY_CASES = [
     (1, 2, 2, 2, 16, 64, 256, 64, 64),  # every channel an outlier
 ]
 QUERY_LENGTHS = [1, 3]
-SIGN_MARGIN = 1e-4
-NORM_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
-# Both paths read the same (dtype-rounded) inputs and compute in float32: one tolerance for all.
-SCORE_ATOL = {torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float32: 2e-5}
 # (leading shape, tokens, head_dim, group_size, bits)
 VALUE_CASES = [
     ((1, 1), 37, 128, 32, 2),
@@ -54,64 +58,21 @@ VALUE_CASES = [
     ((1, 3), 33, 128, 8, 2),  # group smaller than a packed word (16 codes)
     ((3,), 17, 64, 16, 4),  # rank 3 values
 ]
-MATMUL_RTOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float32: 1e-5}
 GQA_RATIOS = [1, 4, 8]
-
-
-def _gen(seed):
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def _projection(m, d, seed):
-    return torch.randn(m, d, device="cuda", generator=_gen(seed + 1))
-
-
-def _keys_case(case, dtype, seed):
-    batch, kv_heads, ratio, n_groups, group, d, m, m_o, n_out = case
-    gen = _gen(seed)
-    keys = torch.randn(batch, kv_heads, n_groups, group, d, device="cuda", generator=gen)
-    keys[..., :3] *= 8  # planted outlier channels
-    keys = keys.to(dtype)
-    scores = keys.float().norm(dim=3)  # [B, H, N, d]
-    outliers = scores.topk(n_out, dim=-1).indices.to(torch.uint8) if n_out else torch.zeros(
-        batch, kv_heads, n_groups, 0, dtype=torch.uint8, device="cuda")
-    return keys, outliers, _projection(m, d, seed), m_o
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", KEY_CASES)
 def test_quantize_keys_matches_reference(case, dtype, seed):
-    keys, outliers, proj, m_o = _keys_case(case, dtype, seed)
+    keys, outliers, proj, m_o = keys_case(case, dtype, "cuda", seed)
     got = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
     want = reference.quantize_keys_ref(keys, outliers, proj, m_o)
     assert qjl_kernel.backend_for(keys) == "cuda"
-    # Float64 sketch decides which coordinates are safely away from 0.
-    k = keys.double()
-    mask = torch.zeros(*k.shape[:3], 1, k.shape[-1], dtype=torch.float64, device="cuda")
-    mask.scatter_(-1, outliers.long().unsqueeze(3), 1.0)
-    s = proj.double()
-    for name, part, rows in (("bits", k * (1 - mask), s), ("outlier_bits", k * mask, s[:m_o])):
-        sketch = part @ rows.T
-        margin = SIGN_MARGIN * (part.abs() @ rows.abs().T)
-        safe = (sketch.abs() > margin) | (margin == 0)
-        got_bits, want_bits = getattr(got, name), getattr(want, name)
-        assert got_bits.shape == want_bits.shape and got_bits.dtype == torch.uint8
-        g, w = unpack_sign_bits(got_bits), unpack_sign_bits(want_bits)
-        assert torch.equal(g[safe], w[safe]), f"{name}: {(g[safe] != w[safe]).sum()} sign bits differ"
-        assert safe.numel() == 0 or safe.float().mean() > 0.99
+    assert_safe_signs_equal(got, want, keys, outliers, proj, m_o)
     for name in ("inlier_norms", "outlier_norms"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=NORM_RTOL[dtype], atol=1e-6)
     assert torch.equal(got.outlier_indices, want.outlier_indices)
-
-
-def _narrowed(t, extra):
-    """The same values as a view of a bigger buffer along dim 2 (as the cache stores them)."""
-    shape = list(t.shape)
-    shape[2] += extra
-    buf = torch.full(shape, 0, dtype=t.dtype, device=t.device)
-    buf.narrow(2, 0, t.shape[2]).copy_(t)
-    return buf.narrow(2, 0, t.shape[2])
 
 
 @pytest.mark.parametrize("strided", [False, True])
@@ -119,13 +80,13 @@ def _narrowed(t, extra):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", KEY_CASES)
 def test_key_scores_matches_reference(case, dtype, length, strided):
-    keys, outliers, proj, m_o = _keys_case(case, dtype, 0)
+    keys, outliers, proj, m_o = keys_case(case, dtype, "cuda", 0)
     batch, kv_heads, ratio, *_ , d = case[:6]
     state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
-    query = torch.randn(batch, kv_heads * ratio, length, d, device="cuda", generator=_gen(7)).to(dtype)
+    query = torch.randn(batch, kv_heads * ratio, length, d, device="cuda", generator=generator(7, "cuda")).to(dtype)
     want = reference.key_scores_ref(query, state, proj)
     if strided:
-        state = QuantizedKeys(*(_narrowed(t, 3) for t in state))
+        state = QuantizedKeys(*(narrowed(t, 3) for t in state))
     got = qjl_kernel.key_scores(query, state, proj)
     assert got.shape == want.shape and got.dtype == torch.float32
     k_norm = (state.inlier_norms.float() ** 2 + state.outlier_norms.float() ** 2).sqrt()
@@ -136,7 +97,7 @@ def test_key_scores_matches_reference(case, dtype, length, strided):
 
 
 def test_key_scores_single_row_query():
-    keys, outliers, proj, m_o = _keys_case(KEY_CASES[1], torch.bfloat16, 0)
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[1], torch.bfloat16, "cuda", 0)
     state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
     query = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(
@@ -145,7 +106,7 @@ def test_key_scores_single_row_query():
 
 
 def _values(lead, tokens, d, dtype, seed, ties=False):
-    gen = _gen(seed)
+    gen = generator(seed, "cuda")
     if ties:  # a coarse grid makes (v - min) / scale hit x.5 exactly: round-half-to-even matters
         v = torch.randint(0, 7, (*lead, tokens, d), device="cuda", generator=gen).float() / 2
     else:
@@ -176,11 +137,11 @@ def test_value_matmul_matches_reference(case, dtype, ratio, strided):
     lead, tokens, d, group_size, bits = case
     batch, kv_heads = lead
     state = reference.quantize_values_ref(_values(lead, tokens, d, dtype, 1), group_size, bits)
-    logits = torch.randn(batch, kv_heads * ratio, 2, tokens + 7, device="cuda", generator=_gen(2))
+    logits = torch.randn(batch, kv_heads * ratio, 2, tokens + 7, device="cuda", generator=generator(2, "cuda"))
     weights = logits.softmax(-1).to(dtype)[..., :tokens]  # a narrowed last dim, as a split softmax gives
     if strided:
-        state = state._replace(codes=_narrowed(state.codes, 50), scales=_narrowed(state.scales, 50),
-                               mins=_narrowed(state.mins, 50))
+        state = state._replace(codes=narrowed(state.codes, 50), scales=narrowed(state.scales, 50),
+                               mins=narrowed(state.mins, 50))
     got = qjl_kernel.value_matmul(weights, state)
     want = reference.value_matmul_ref(weights, state)
     assert got.shape == want.shape and got.dtype == torch.float32
@@ -211,7 +172,7 @@ def test_ops_follow_the_input_device():
 
 def test_opcheck_every_op():
     ops = torch.ops.qjl
-    keys, outliers, proj, m_o = _keys_case(KEY_CASES[4], torch.float16, 0)
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[4], torch.float16, "cuda", 0)
     torch.library.opcheck(ops.quantize_keys.default, (keys, outliers, proj, m_o))
     state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
     query = torch.randn(3, 8, 2, 128, device="cuda")

@@ -35,12 +35,20 @@ import torch
 import qjl_kernel
 from qjl_kernel import QuantizedKeys, reference, triton_ops
 from qjl_kernel import ops as qjl_ops
-from qjl_kernel.packing import unpack_sign_bits
+from op_oracles import (
+    MATMUL_RTOL,
+    NORM_RTOL,
+    SCORE_ATOL,
+    assert_safe_signs_equal,
+    generator,
+    keys_case,
+    narrowed,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 600
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # float16: GPU tier only
 # (batch, kv_heads, gqa_ratio, n_groups, group, head_dim, m, m_o, n_out)
 KEY_CASES = [
     (1, 2, 1, 2, 32, 128, 256, 256, 8),  # paper configuration, MHA, head_dim 128
@@ -50,10 +58,6 @@ KEY_CASES = [
 ]
 # (query length, state as a narrowed view of a bigger buffer, as the cache passes it)
 SCORE_LAYOUTS = [(1, True), (3, False)]
-SIGN_MARGIN = 1e-4
-# float16 is in the GPU tier only (the CPU tier covers float32 and bfloat16).
-NORM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-SCORE_ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 # (leading shape, tokens, head_dim, group_size, bits)
 VALUE_CASES = [
     ((1, 2), 37, 128, 32, 2),
@@ -62,7 +66,6 @@ VALUE_CASES = [
     ((3,), 17, 64, 16, 4),  # rank 3 values
 ]
 GQA_RATIOS = [1, 4]
-MATMUL_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 LONG_TOKENS = 600  # value_matmul over several token splits (256 tokens each at least)
 
 
@@ -71,44 +74,13 @@ LONG_TOKENS = 600  # value_matmul over several token splits (256 tokens each at 
 # ---------------------------------------------------------------------------------------------
 
 
-def _gen(seed, device):
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _keys_case(case, dtype, device, seed=0):
-    batch, kv_heads, ratio, n_groups, group, d, m, m_o, n_out = case
-    keys = torch.randn(batch, kv_heads, n_groups, group, d, device=device, generator=_gen(seed, device))
-    keys[..., :3] *= 8  # planted outlier channels
-    keys = keys.to(dtype)
-    norms = keys.float().norm(dim=3)
-    outliers = norms.topk(n_out, dim=-1).indices.to(torch.uint8)
-    projection = torch.randn(m, d, device=device, generator=_gen(seed + 1, device))
-    return keys, outliers, projection, m_o
-
-
-def _assert_safe_signs_equal(got, want, keys, outliers, projection, m_o):
-    k = keys.double()
-    mask = torch.zeros(*k.shape[:3], 1, k.shape[-1], dtype=torch.float64, device=k.device)
-    mask.scatter_(-1, outliers.long().unsqueeze(3), 1.0)
-    s = projection.double()
-    for name, part, rows in (("bits", k * (1 - mask), s), ("outlier_bits", k * mask, s[:m_o])):
-        sketch = part @ rows.T
-        margin = SIGN_MARGIN * (part.abs() @ rows.abs().T)
-        safe = (sketch.abs() > margin) | (margin == 0)
-        got_bits, want_bits = getattr(got, name), getattr(want, name)
-        assert got_bits.shape == want_bits.shape and got_bits.dtype == torch.uint8, name
-        g, w = unpack_sign_bits(got_bits), unpack_sign_bits(want_bits)
-        assert torch.equal(g[safe], w[safe]), f"{name}: {(g[safe] != w[safe]).sum()} sign bits differ"
-        assert safe.numel() == 0 or safe.float().mean() > 0.99
-
-
 def check_quantize_keys(case, dtype, device="cpu"):
-    keys, outliers, projection, m_o = _keys_case(case, dtype, device)
+    keys, outliers, projection, m_o = keys_case(case, dtype, device)
     with qjl_kernel.use_backend("triton"):
         assert qjl_kernel.backend_for(keys) == "triton"
         got = qjl_kernel.quantize_keys(keys, outliers, projection, m_o)
     want = reference.quantize_keys_ref(keys, outliers, projection, m_o)
-    _assert_safe_signs_equal(got, want, keys, outliers, projection, m_o)
+    assert_safe_signs_equal(got, want, keys, outliers, projection, m_o)
     for name in ("inlier_norms", "outlier_norms"):
         g, w = getattr(got, name), getattr(want, name)
         assert g.dtype == dtype
@@ -116,24 +88,15 @@ def check_quantize_keys(case, dtype, device="cpu"):
     assert torch.equal(got.outlier_indices, want.outlier_indices)
 
 
-def _narrowed(t, extra):
-    """The same values as a view of a bigger buffer along dim 2 (as the cache stores them)."""
-    shape = list(t.shape)
-    shape[2] += extra
-    buf = torch.full(shape, 0, dtype=t.dtype, device=t.device)
-    buf.narrow(2, 0, t.shape[2]).copy_(t)
-    return buf.narrow(2, 0, t.shape[2])
-
-
 def check_key_scores(case, dtype, length, strided, device="cpu"):
-    keys, outliers, projection, m_o = _keys_case(case, dtype, device)
+    keys, outliers, projection, m_o = keys_case(case, dtype, device)
     batch, kv_heads, ratio, *_ = case
     d = case[5]
     state = reference.quantize_keys_ref(keys, outliers, projection, m_o)
-    query = torch.randn(batch, kv_heads * ratio, length, d, device=device, generator=_gen(7, device)).to(dtype)
+    query = torch.randn(batch, kv_heads * ratio, length, d, device=device, generator=generator(7, device)).to(dtype)
     want = reference.key_scores_ref(query, state, projection)
     if strided:
-        state = QuantizedKeys(*(_narrowed(t, 3) for t in state))
+        state = QuantizedKeys(*(narrowed(t, 3) for t in state))
     with qjl_kernel.use_backend("triton"):
         got = qjl_kernel.key_scores(query, state, projection)
     assert got.shape == want.shape and got.dtype == torch.float32
@@ -145,7 +108,7 @@ def check_key_scores(case, dtype, length, strided, device="cpu"):
 
 
 def _values(lead, tokens, d, dtype, device, seed=0, ties=False):
-    gen = _gen(seed, device)
+    gen = generator(seed, device)
     if ties:  # a coarse grid makes (v - min) / scale hit x.5 exactly: round-half-to-even matters
         v = torch.randint(0, 7, (*lead, tokens, d), device=device, generator=gen).float() / 2
     else:
@@ -170,11 +133,11 @@ def check_value_matmul(case, dtype, ratio, strided, device="cpu"):
     lead, tokens, d, group_size, bits = case
     batch, kv_heads = lead
     state = reference.quantize_values_ref(_values(lead, tokens, d, dtype, device, seed=1), group_size, bits)
-    logits = torch.randn(batch, kv_heads * ratio, 2, tokens + 7, device=device, generator=_gen(2, device))
+    logits = torch.randn(batch, kv_heads * ratio, 2, tokens + 7, device=device, generator=generator(2, device))
     weights = logits.softmax(-1).to(dtype)[..., :tokens]  # a narrowed last dim, as a split softmax gives
     if strided:
-        state = state._replace(codes=_narrowed(state.codes, 50), scales=_narrowed(state.scales, 50),
-                               mins=_narrowed(state.mins, 50))
+        state = state._replace(codes=narrowed(state.codes, 50), scales=narrowed(state.scales, 50),
+                               mins=narrowed(state.mins, 50))
     with qjl_kernel.use_backend("triton"):
         got = qjl_kernel.value_matmul(weights, state)
     want = reference.value_matmul_ref(weights, state)
@@ -189,8 +152,8 @@ def check_value_matmul(case, dtype, ratio, strided, device="cpu"):
 def check_value_matmul_splits(device="cpu"):
     """Enough tokens for several token splits, reduced by one sum."""
     state = reference.quantize_values_ref(
-        torch.randn(1, 2, LONG_TOKENS, 64, device=device, generator=_gen(3, device)), 32, 2)
-    weights = torch.rand(1, 8, 1, LONG_TOKENS, device=device, generator=_gen(4, device)).softmax(-1)
+        torch.randn(1, 2, LONG_TOKENS, 64, device=device, generator=generator(3, device)), 32, 2)
+    weights = torch.rand(1, 8, 1, LONG_TOKENS, device=device, generator=generator(4, device)).softmax(-1)
     with qjl_kernel.use_backend("triton"):
         got = qjl_kernel.value_matmul(weights, state)
     torch.testing.assert_close(got, reference.value_matmul_ref(weights, state), rtol=1e-4, atol=1e-5)
@@ -386,12 +349,12 @@ def test_gpu_triton_long_context_splits():
 @pytest.mark.parametrize("case", GPU_KEY_CASES[:3], ids=_key_id)
 def test_gpu_triton_matches_cuda_kernels(case, dtype):
     """Triton and CUDA kernels against each other (same oracles as against the reference)."""
-    keys, outliers, projection, m_o = _keys_case(case, dtype, "cuda")
+    keys, outliers, projection, m_o = keys_case(case, dtype, "cuda")
     with qjl_kernel.use_backend("triton"):
         tri = qjl_kernel.quantize_keys(keys, outliers, projection, m_o)
     with qjl_kernel.use_backend("cuda"):
         cud = qjl_kernel.quantize_keys(keys, outliers, projection, m_o)
-    _assert_safe_signs_equal(tri, cud, keys, outliers, projection, m_o)
+    assert_safe_signs_equal(tri, cud, keys, outliers, projection, m_o)
     batch, kv_heads, ratio = case[:3]
     query = torch.randn(batch, kv_heads * ratio, 2, case[5], device="cuda").to(dtype)
     with qjl_kernel.use_backend("triton"):
