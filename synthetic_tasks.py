@@ -4,14 +4,15 @@ Two retrieval tasks whose answer sits deep in the context, i.e. in the quantized
 cache (QJL and KIVI keep only the most recent ``buffer_size`` tokens exact):
 
 - ``passkey``: the classic passkey test. Repetitive filler ("The grass is green. The sky is blue.
-  ...") with one line "The pass key is 40712." at a uniformly random sentence boundary; the
-  question asks for the pass key.
-- ``multikey``: the same filler with several labelled numbers ("The door code is 5831.") at random
-  depths; the question asks for one label, so the model must match the label, not just find a
-  number (RULER's "niah_multikey" in miniature).
+  ...") with one needle "The pass key is 407. Remember it. 407 is the pass key." at a uniformly
+  random sentence boundary; the question asks for the pass key.
+- ``multikey``: the same filler with several labelled needles ("The door code is 583. Remember
+  it. 583 is the door code.") at random depths; the question asks for one label, so the model
+  must match the label, not just find a number (RULER's "niah_multikey" in miniature).
 
-Numbers have distinct digits (within a task example, across all its numbers), because a tiny model
-copies a number digit by digit by looking up "the digit after the one I just wrote".
+Numbers are three-digit (100-999), one token each for tinylm's tokenizer: the answer is one
+retrieval (at the first decode step, over the quantized cache) rather than a digit-by-digit copy,
+which a model this small does not learn in the CPU time we have (see tinylm/README.md).
 
 Records carry LongBench's fields: ``input`` (the question, ending with the answer's lead-in,
 e.g. "What is the pass key? The pass key is"), ``context``, ``answers`` (one string: the digits),
@@ -46,19 +47,18 @@ DEFAULT_LENGTHS = (512, 1024, 2048)
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 PASSKEY_LABEL = "pass key"
 MULTIKEY_LABELS = ("pass key", "door code", "room number", "bank pin", "safe combination", "phone extension")
-PASSKEY_DIGITS = 5
+NUMBERS = tuple(str(n) for n in range(100, 1000))  # one token each
 MULTIKEY_COUNT = 2  # labelled numbers per multikey example
-MULTIKEY_DIGITS = 5  # 2 x 5 distinct digits use all ten
 # Every word the tasks write (the tokenizer's vocabulary; digits and punctuation come on top).
-_TEMPLATE_WORDS = "There is are a an some numbers hidden in lot of text Find it them and remember What the"
+_TEMPLATE_WORDS = "There is are a an some numbers hidden in lot of text Find it them and remember Remember What the"
 VOCABULARY = tuple(
     sorted(set(" ".join((*FILLER, *MULTIKEY_LABELS, _TEMPLATE_WORDS, "The")).replace(".", " ").split()))
 )
 PUNCTUATION = (".", "?", ",", ":")
 
-# One token per letter run (a vocabulary word), per digit, per punctuation mark, plus one for the
-# bare word-start marker before a number: the word-level tokenizer of tinylm splits text this way.
-_TOKEN_PATTERN = re.compile(r"(?:^|(?<=\s))(?=\d)|\d|[^\w\s]|[^\W\d_]+")
+# One token per letter run (a vocabulary word), per digit run (a number), per punctuation mark,
+# plus one for the bare word-start marker before a number: tinylm's tokenizer splits text this way.
+_TOKEN_PATTERN = re.compile(r"(?:^|(?<=\s))(?=\d)|\d+|[^\w\s]|[^\W\d_]+")
 
 
 def count_tokens(text: str, bos: bool = True) -> int:
@@ -71,9 +71,8 @@ def load_table(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"synthetic_{name}.json").read_text(encoding="utf-8"))
 
 
-def _distinct_digits(rng: np.random.Generator, count: int, n_numbers: int) -> list[str]:
-    digits = rng.permutation(10)[: count * n_numbers]
-    return ["".join(str(d) for d in digits[i * count : (i + 1) * count]) for i in range(n_numbers)]
+def _distinct_numbers(rng: np.random.Generator, count: int) -> list[str]:
+    return [NUMBERS[i] for i in rng.choice(len(NUMBERS), count, replace=False)]
 
 
 def _question(label: str) -> str:
@@ -81,7 +80,8 @@ def _question(label: str) -> str:
 
 
 def _needle(label: str, number: str) -> str:
-    return f"The {label} is {number}."
+    # The classic passkey needle states the number twice.
+    return f"The {label} is {number}. Remember it. {number} is the {label}."
 
 
 def _build_context(rng: np.random.Generator, needles: list[str], filler_tokens: int) -> str:
@@ -110,10 +110,10 @@ def make_example(task: str, rng: np.random.Generator, length: int, prompt_format
     if prompt_format is None:
         prompt_format = load_table("dataset2prompt")[task]
     if task == "passkey":
-        (number,) = _distinct_digits(rng, PASSKEY_DIGITS, 1)
+        (number,) = _distinct_numbers(rng, 1)
         labels, numbers, asked = [PASSKEY_LABEL], [number], 0
     else:
-        numbers = _distinct_digits(rng, MULTIKEY_DIGITS, MULTIKEY_COUNT)
+        numbers = _distinct_numbers(rng, MULTIKEY_COUNT)
         labels = [MULTIKEY_LABELS[j] for j in rng.choice(len(MULTIKEY_LABELS), MULTIKEY_COUNT, replace=False)]
         asked = int(rng.integers(MULTIKEY_COUNT))
     needles = [_needle(label, number) for label, number in zip(labels, numbers)]

@@ -1,5 +1,5 @@
-"""The word-level tokenizer of the tiny model: one token per vocabulary word, digit and
-punctuation mark, so a number is copied digit by digit."""
+"""The word-level tokenizer of the tiny model: one token per vocabulary word, per number of the
+tasks (100-999) and per punctuation mark."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ WORD_START = "\u2581"  # Metaspace's word marker; alone it is the token before a
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A ``PreTrainedTokenizerFast`` over ``synthetic_tasks.VOCABULARY``: whitespace runs become
-    one space, words are split off with a leading marker, digits one by one, punctuation apart;
-    encoding adds BOS; decoding restores spaces."""
+    """A ``PreTrainedTokenizerFast`` over ``synthetic_tasks.VOCABULARY`` and ``NUMBERS``:
+    whitespace runs become one space, words are split off with a leading marker, a digit run is
+    one token after a bare marker, punctuation stands apart; encoding adds BOS; decoding restores
+    spaces. Other numbers are unknown tokens."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for token in (WORD_START, *"0123456789", *synthetic_tasks.PUNCTUATION):
+    for token in (WORD_START, *synthetic_tasks.PUNCTUATION, *synthetic_tasks.NUMBERS):
         vocab[token] = len(vocab)
     for word in synthetic_tasks.VOCABULARY:
         vocab[WORD_START + word] = len(vocab)
@@ -27,7 +28,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True),
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Digits(individual_digits=False),
             pre_tokenizers.Punctuation(),
         ]
     )
