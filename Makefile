@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard qjl_kern
 	touch $@
 
 run: setup
-	$(PY) -m models.report
+	$(PY) longbench.py
 
 test: setup
 	$(PY) -m pytest -q --durations=15

@@ -41,10 +41,14 @@ ROOT = Path(__file__).resolve().parent
 # share scaled to the model's depth), larger QJL sketches and KIVI.
 OFFLINE_MODEL = ROOT / "tinylm" / "model"
 OFFLINE_DATA = ROOT / "data" / "synthetic"
-OFFLINE_EXAMPLES = 24  # per task, lengths cycling over OFFLINE_LENGTHS
+OFFLINE_EXAMPLES = 24  # per task, lengths cycling over OFFLINE_LENGTHS (8 each)
 OFFLINE_LENGTHS = (512, 1024, 2048)
 OFFLINE_SEED = 2024  # held out: tinylm/train.py draws its training examples from other seeds
-OFFLINE_METHODS = ("exact", "qjl", "qjl@512", "qjl@1024", "qjl@2048", "kivi")
+OFFLINE_METHODS = ("exact", "qjl", "qjl@1024", "kivi")
+# passkey: the task the embedded model solves (>= 98% with exact attention at every length);
+# multikey (`--dataset_name synthetic`) was learned only part way and is not in the default.
+OFFLINE_DATASETS = ("passkey",)
+OFFLINE_OUTPUT = ROOT / "results" / "offline"
 PAPER_INITIAL_LAYER_SHARE = 15 / 32  # the paper: the first 15 of Llama-2's 32 layers get 512-bit sketches
 
 
@@ -100,12 +104,12 @@ def offline_default_argv() -> list[str]:
         synthetic_tasks.write_tasks(data_dir, OFFLINE_EXAMPLES, OFFLINE_LENGTHS, OFFLINE_SEED)
     layers = json.loads((OFFLINE_MODEL / "config.json").read_text())["num_hidden_layers"]
     initial = max(1, round(PAPER_INITIAL_LAYER_SHARE * layers))
-    print(f"offline default: {OFFLINE_MODEL.relative_to(ROOT)} ({layers} layers; QJL's larger sketch on the first "
-          f"{initial}) on the synthetic tasks in {data_dir.relative_to(ROOT)}")
+    print(f"offline default: {OFFLINE_MODEL} ({layers} layers; QJL's larger sketch on the first {initial}) "
+          f"on {', '.join(OFFLINE_DATASETS)} from {data_dir}")
     return [
         "--model_name", str(OFFLINE_MODEL), "--dtype", "float32", "--data_dir", str(data_dir),
-        "--dataset_name", "synthetic", "--method", *OFFLINE_METHODS, "--initial_layers_count", str(initial),
-        "--output_dir", str(ROOT / "results" / "offline"),
+        "--dataset_name", *OFFLINE_DATASETS, "--method", *OFFLINE_METHODS, "--initial_layers_count", str(initial),
+        "--output_dir", str(OFFLINE_OUTPUT),
     ]  # fmt: skip
 
 

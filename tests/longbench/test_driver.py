@@ -165,3 +165,20 @@ def test_method_with_sketch_size(tiny_model_dir, tmp_path):
     assert results["qjl@256"]["settings"]["qjl_config"]["key_quantization_bits"] == 256
     assert results["qjl"]["settings"]["qjl_config"]["key_quantization_bits"] == 64
     assert results["qjl@256"]["kv_cache"]["bits_per_channel"] > results["qjl"]["kv_cache"]["bits_per_channel"]
+
+
+def test_offline_default_runs_every_method(monkeypatch, tmp_path, capsys):
+    # `python longbench.py` with no arguments, shrunk to 3 examples: the embedded model, the
+    # synthetic passkey task written on first use, a table with every method's score and bits.
+    monkeypatch.setattr(longbench, "OFFLINE_EXAMPLES", 3)
+    monkeypatch.setattr(longbench, "OFFLINE_DATA", tmp_path / "data")
+    monkeypatch.setattr(longbench, "OFFLINE_OUTPUT", tmp_path / "out")
+    assert longbench.main([]) == 0
+    table = capsys.readouterr().out.split("LongBench scores")[-1]
+    lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:] if line.strip()}
+    assert table.splitlines()[1].split()[1:] == list(longbench.OFFLINE_METHODS)
+    assert len(lines["passkey"]) == len(longbench.OFFLINE_METHODS)
+    assert float(lines["passkey"][0]) == 100.0  # exact attention: the model's bar
+    bits = [float(b) for b in table.split("KV bits/channel")[1].split()[: len(longbench.OFFLINE_METHODS)]]
+    assert bits[0] == 32.0 and all(b < 12 for b in bits[1:])
+    assert (tmp_path / "data" / "n3_seed2024" / "passkey.jsonl").exists()
