@@ -58,3 +58,16 @@ def narrowed(t: torch.Tensor, extra: int) -> torch.Tensor:
     buf = torch.full(shape, 0, dtype=t.dtype, device=t.device)
     buf.narrow(2, 0, t.shape[2]).copy_(t)
     return buf.narrow(2, 0, t.shape[2])
+
+
+def assert_matmul_close(got, want, weights, state, dtype):
+    """value_matmul: float32 ``[B, H_q, L, d]`` within MATMUL_RTOL[dtype] * (|weights| @ |dequant(V)|)."""
+    from qjl_kernel import reference
+
+    assert got.shape == want.shape and got.dtype == torch.float32
+    batch, q_heads, length, tokens = weights.shape
+    dense = reference.dequantize_values_ref(state).abs()  # [B, H_kv, T, d]
+    w = weights.float().abs().view(batch, dense.shape[1], q_heads // dense.shape[1], length, tokens)
+    bound = MATMUL_RTOL[dtype] * (w @ dense.unsqueeze(2)).view_as(want) + 1e-6
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"

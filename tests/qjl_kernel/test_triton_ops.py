@@ -36,7 +36,7 @@ import qjl_kernel
 from qjl_kernel import QuantizedKeys, reference, triton_ops
 from qjl_kernel import ops as qjl_ops
 from op_oracles import (
-    MATMUL_RTOL,
+    assert_matmul_close,
     NORM_RTOL,
     SCORE_ATOL,
     assert_safe_signs_equal,
@@ -141,12 +141,7 @@ def check_value_matmul(case, dtype, ratio, strided, device="cpu"):
     with qjl_kernel.use_backend("triton"):
         got = qjl_kernel.value_matmul(weights, state)
     want = reference.value_matmul_ref(weights, state)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    dense = reference.dequantize_values_ref(state).abs()
-    w = weights.float().abs().view(batch, kv_heads, ratio, 2, tokens)
-    bound = MATMUL_RTOL[dtype] * (w @ dense.unsqueeze(2)).view_as(want) + 1e-6
-    err = (got - want).abs()
-    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+    assert_matmul_close(got, want, weights, state, dtype)
 
 
 def check_value_matmul_splits(device="cpu"):
