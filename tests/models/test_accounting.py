@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from models import QJLConfig, qjl_bit_report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_paper_configuration_matches_hand_computation():
@@ -27,3 +31,14 @@ def test_exact_values_and_no_outliers():
     report = qjl_bit_report(config, num_layers=2, head_dim=64)
     assert report.value_bits_per_channel == 16
     assert report.key_bits_per_channel == pytest.approx((256 + 32) / 64)
+
+
+def test_report_cli_prints_the_paper_table(capsys):
+    from models import report
+
+    report.main([])
+    out = capsys.readouterr().out
+    assert "0-14" in out and "15-31" in out and "3.8672" in out and "4.137x" in out
+    report.main(["--config", str(ROOT / "config/qjl_runtime_llama3.json"), "--num_layers", "1"])
+    row = capsys.readouterr().out.splitlines()[2].split()
+    assert row[:4] == ["0", "256", "0", "0"] and float(row[4]) == pytest.approx((256 + 32) / 128)
