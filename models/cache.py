@@ -22,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import qjl_kernel
+from qjl_kernel.reference import gqa_weighted_sum
 
 from .accounting import qjl_bit_report
 from .config import QJLConfig
@@ -29,7 +30,7 @@ from .memory import LayerMemory, MemoryReport
 from .key_store import KeyStore, QJLKeyStore
 from .kivi import KIVIKeyStore
 from .sketch import QJLSketch
-from .value_store import ValueStore, exact_weighted_sum
+from .value_store import ValueStore
 
 ATTN_IMPLEMENTATION = "qjl"
 
@@ -189,7 +190,7 @@ class CompressedLayer(CacheLayerMixin):
         probs = torch.softmax(scores, dim=-1)
 
         n_quantized = values.num_quantized
-        output = exact_weighted_sum(probs[..., n_quantized:], values.window)
+        output = gqa_weighted_sum(probs[..., n_quantized:], values.window)
         if n_quantized:
             output = output + qjl_kernel.value_matmul(probs[..., :n_quantized], values.quantized)
         # Rows past the first see the oldest window values quantized (they left the window).
@@ -202,7 +203,7 @@ class CompressedLayer(CacheLayerMixin):
                 rows = torch.arange(length, device=device)[:, None] + window_before - values.buffer_size
                 use = torch.arange(n_fix, device=device)[None, :] < rows  # [L, n_fix]
                 weights = probs[..., n_quantized : n_quantized + n_fix] * use
-                output = output + exact_weighted_sum(weights, delta)
+                output = output + gqa_weighted_sum(weights, delta)
         return output
 
     # --- state ------------------------------------------------------------------------------------

@@ -80,12 +80,3 @@ class ValueStore:
         if self.window is not None:
             self.window = self.window.index_select(0, index.to(self.window.device))
 
-
-def exact_weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """float32 ``weights @ values`` with GQA: weights ``[B, H_q, L, T]``, values ``[B, H_kv, T, d]``
-    -> ``[B, H_q, L, d]``."""
-    batch, q_heads, length, tokens = weights.shape
-    kv_heads = values.shape[1]
-    w = weights.float().view(batch, kv_heads, q_heads // kv_heads, length, tokens)
-    out = w @ values.float().unsqueeze(2)
-    return out.view(batch, q_heads, length, values.shape[-1])

@@ -170,6 +170,16 @@ def dequantize_values_ref(values: QuantizedValues) -> torch.Tensor:
     return out.flatten(-2)
 
 
+def gqa_weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """float32 ``weights @ values`` with GQA broadcasting: weights ``[B, H_q, L, T]``, values
+    ``[B, H_kv, T, d]`` (query head ``h`` reads KV head ``h // r``) -> ``[B, H_q, L, d]``."""
+    batch, q_heads, length, tokens = weights.shape
+    kv_heads = values.shape[1]
+    w = weights.float().view(batch, kv_heads, q_heads // kv_heads, length, tokens)
+    out = w @ values.float().unsqueeze(2)
+    return out.view(batch, q_heads, length, values.shape[-1])
+
+
 def value_matmul_ref(weights: torch.Tensor, values: QuantizedValues) -> torch.Tensor:
     """``weights @ dequant(values)`` with GQA broadcasting.
 
@@ -179,9 +189,4 @@ def value_matmul_ref(weights: torch.Tensor, values: QuantizedValues) -> torch.Te
     Returns:
       float32 ``[B, H_q, L, d]``.
     """
-    batch, q_heads, length, tokens = weights.shape
-    kv_heads = values.codes.shape[1]
-    dense = dequantize_values_ref(values)  # [B, Hkv, T, d]
-    w = weights.float().view(batch, kv_heads, q_heads // kv_heads, length, tokens)
-    out = w @ dense.unsqueeze(2)
-    return out.view(batch, q_heads, length, dense.shape[-1])
+    return gqa_weighted_sum(weights, dequantize_values_ref(values))
