@@ -34,8 +34,6 @@ def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None,
 def unavailable_reason(method: str, model_config, qjl_config: QJLConfig | None) -> str | None:
     """Why ``method``'s cache cannot be built here (missing backend or not implemented), or None.
     Configuration errors (ValueError) are not caught: they are the user's to fix."""
-    if method == "quanto" and not models.quanto_available():
-        return "needs optimum-quanto (pip install optimum-quanto)"
     try:
         models.make_cache(method, model_config, qjl_config)
     except (ImportError, NotImplementedError) as e:
