@@ -85,7 +85,7 @@ def test_quanto_without_backend_is_reported(tiny_model_dir, tmp_path, capsys):
         longbench.main(cli(tiny_model_dir, data_dir, tmp_path / "o1", "--method", "quanto", "--dataset_name", "qasper"))
     args = cli(tiny_model_dir, data_dir, tmp_path / "o2", "--method", "exact", "quanto", "--dataset_name", "qasper")
     assert longbench.main(args) == 0
-    assert "skipping method quanto: needs optimum-quanto" in capsys.readouterr().out
+    assert "skipping method quanto: ImportError: method 'quanto' needs optimum-quanto" in capsys.readouterr().out
 
 
 def test_resume_after_crash_gives_identical_result(tiny_model_dir, tmp_path, monkeypatch, capsys):
