@@ -1,12 +1,14 @@
-"""Build and install the ``qjl_kernel`` package, with its CUDA extension ``qjl_kernel._C``.
+"""Build and install the ``qjl_kernel`` package, with its extension ``qjl_kernel._C``.
 
     pip install --no-build-isolation -e .
 
-The extension is compiled whenever nvcc and a CUDA build of torch are present; a GPU is not needed
-to compile. Without them the package installs pure Python and its ops run the PyTorch references.
+The extension always holds the C++ CPU kernels (any C++ compiler). Its CUDA kernels are compiled
+too whenever nvcc and a CUDA build of torch are present; a GPU is not needed to compile. Without
+them the extension is CPU-only, and GPU tensors use the Triton kernels or the PyTorch references.
 Knobs (environment variables; details in ``qjl_kernel/csrc/README.md``):
 
-  QJL_BUILD_CUDA=0|1   force the extension off / on (1 fails loudly when it cannot be built)
+  QJL_BUILD_CPU=0      build no extension at all (pure Python; every op runs its reference)
+  QJL_BUILD_CUDA=0|1   force the CUDA kernels off / on (1 fails loudly when they cannot be built)
   QJL_CUDA_ARCHS       arch list, e.g. "9.0" or "8.0;9.0+PTX" (else TORCH_CUDA_ARCH_LIST, else 8.0;9.0+PTX)
   MAX_JOBS             parallel compile jobs (ninja)
   CUDA_HOME            CUDA toolkit root (else found from nvcc, even when nvcc is a wrapper script)
@@ -25,7 +27,18 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("qjl_kernel") / "csrc"
-SOURCES = ["torch_bindings.cpp", "ops.cpp", "quantize_keys.cu", "key_scores.cu", "quantize_values.cu", "value_matmul.cu"]
+CPU_SOURCES = [
+    "torch_bindings.cpp",
+    "cpu/decode_attention_cpu.cpp",
+    "cpu/decode_kernel_scalar.cpp",
+    "cpu/decode_kernel_avx2.cpp",
+    "cpu/decode_kernel_avx512.cpp",
+]
+CUDA_SOURCES = ["ops.cpp", "quantize_keys.cu", "key_scores.cu", "quantize_values.cu", "value_matmul.cu"]
+# at::parallel_for runs its OpenMP loop only in code compiled with OpenMP (ATen/ParallelOpenMP.h).
+_OPENMP = sys.platform.startswith("linux")
+CXX_FLAGS = ["-O3"] + (["-fopenmp"] if _OPENMP else [])
+LINK_FLAGS = ["-fopenmp"] if _OPENMP else []
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 SASS, plus PTX for newer GPUs
 
 
@@ -99,28 +112,48 @@ def _arch_list() -> str:
     return archs
 
 
+def _cpu_extension(reason: str):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    _say(f"building qjl_kernel._C with the CPU kernels only ({reason})")
+    ext = CppExtension(
+        name="qjl_kernel._C", sources=[str(CSRC / s) for s in CPU_SOURCES], extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=LINK_FLAGS,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
 def _extensions():
+    for knob in ("QJL_BUILD_CUDA", "QJL_BUILD_CPU"):
+        if os.environ.get(knob, "").strip() not in ("", "0", "1"):
+            raise SystemExit(f"{knob} must be 0 or 1, got {os.environ[knob]!r}")
     flag = os.environ.get("QJL_BUILD_CUDA", "").strip()
-    if flag not in ("", "0", "1"):
-        raise SystemExit(f"QJL_BUILD_CUDA must be 0 or 1, got {flag!r}")
-    if flag == "0":
-        _say("QJL_BUILD_CUDA=0: skipping the CUDA extension; ops use the PyTorch reference")
+    if os.environ.get("QJL_BUILD_CPU", "").strip() == "0":
+        if flag == "1":
+            raise SystemExit("qjl_kernel setup: QJL_BUILD_CPU=0 and QJL_BUILD_CUDA=1 contradict each other")
+        _say("QJL_BUILD_CPU=0: building no extension; every op runs its PyTorch reference")
         return [], {}
+    if importlib.util.find_spec("torch") is None:
+        _say("torch is not installed: building no extension; install torch first, then reinstall")
+        return [], {}
+    if flag == "0":
+        return _cpu_extension("QJL_BUILD_CUDA=0")
     blocker = _cuda_build_blocker()
     if blocker is not None:
         if flag == "1":
-            raise SystemExit(f"qjl_kernel setup: QJL_BUILD_CUDA=1 but the CUDA extension cannot be built: {blocker}")
-        _say(f"skipping the CUDA extension ({blocker}); ops use the PyTorch reference")
-        return [], {}
+            raise SystemExit(f"qjl_kernel setup: QJL_BUILD_CUDA=1 but the CUDA kernels cannot be built: {blocker}")
+        return _cpu_extension(f"no CUDA kernels: {blocker}")
 
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
     archs = _arch_list()
     ext = CUDAExtension(
         name="qjl_kernel._C",
-        sources=[str(CSRC / s) for s in SOURCES],
+        sources=[str(CSRC / s) for s in CPU_SOURCES + CUDA_SOURCES],
+        define_macros=[("QJL_WITH_CUDA", "1")],
+        extra_link_args=LINK_FLAGS,
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": CXX_FLAGS,
             # No --use_fast_math: quantize_values must round exactly like the float32 reference.
             "nvcc": ["-O3", "-lineinfo"],
         },
@@ -128,7 +161,8 @@ def _extensions():
     extra_includes = _pip_cuda_include_dirs(CUDA_HOME)
     ext.include_dirs.extend(extra_includes)  # after torch's and the toolkit's include dirs
     _say(
-        f"building qjl_kernel._C with CUDA_HOME={CUDA_HOME}, archs={archs}, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}"
+        f"building qjl_kernel._C with CPU and CUDA kernels, CUDA_HOME={CUDA_HOME}, archs={archs}, "
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}"
         + (f", extra headers from {extra_includes}" if extra_includes else "")
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

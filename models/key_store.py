@@ -6,6 +6,7 @@ import torch
 
 import qjl_kernel
 from qjl_kernel import QuantizedKeys
+from qjl_kernel.reference import exact_scores
 
 from .config import LayerBudget
 from .growable import GrowableTensors
@@ -19,15 +20,6 @@ def select_outliers(grouped_keys: torch.Tensor, count: int) -> torch.Tensor:
     """
     norms = grouped_keys.float().norm(dim=-2)  # [B, H, N, d]
     return norms.topk(count, dim=-1).indices.to(torch.uint8)
-
-
-def exact_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """float32 ``q . k`` with GQA: query ``[B, H_q, L, d]``, keys ``[B, H_kv, T, d]`` -> ``[B, H_q, L, T]``."""
-    batch, q_heads, length, dim = query.shape
-    kv_heads = keys.shape[1]
-    q = query.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
-    scores = q @ keys.float().unsqueeze(2).transpose(-1, -2)
-    return scores.view(batch, q_heads, length, keys.shape[2])
 
 
 class KeyStore:

@@ -7,6 +7,8 @@ the CPU path:
 - :func:`key_scores`      query x stored keys -> unbiased estimates of ``<q, k>`` (MHA and GQA)
 - :func:`quantize_values` values -> packed 2/4-bit codes, per-group scales and mins
 - :func:`value_matmul`    weights x dequant(values), GQA-aware
+- :func:`decode_attention` one step's attention over a layer's compressed state, fused (C++ CPU
+  kernel; composed from the ops above elsewhere)
 
 Backends: ``reference``, ``triton`` (:mod:`qjl_kernel.triton_ops`) and ``cuda`` (the extension);
 ``auto`` picks CUDA, else Triton for GPU tensors, else the reference (``qjl_kernel/TRITON.md``).
@@ -19,6 +21,8 @@ from .ops import (
     BackendInfo,
     backend_for,
     backend_info,
+    cpu_isa,
+    decode_attention,
     dequantize_keys,
     dequantize_values,
     key_scores,
@@ -39,6 +43,8 @@ __all__ = [
     "QuantizedValues",
     "backend_for",
     "backend_info",
+    "cpu_isa",
+    "decode_attention",
     "dequantize_keys",
     "dequantize_values",
     "key_scores",

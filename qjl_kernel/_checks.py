@@ -153,3 +153,59 @@ def value_matmul_args(weights, values) -> None:
         )
     if weights.shape[1] % kv_heads:
         raise ValueError(f"weights heads ({weights.shape[1]}) must be a multiple of KV heads ({kv_heads})")
+
+
+def decode_attention_args(query, keys, proj, residual_keys, values, value_window, mask) -> None:
+    floating("query", query, rank=4)
+    floating("residual_keys", residual_keys, rank=4)
+    floating("value_window", value_window, rank=4)
+    batch, q_heads, length, dim = query.shape
+    if length == 0:
+        raise ValueError("query must hold at least one row (L > 0)")
+    kv_heads = residual_keys.shape[1]
+    if residual_keys.shape[0] != batch or residual_keys.shape[3] != dim:
+        raise ValueError(f"residual_keys must be [B={batch}, H_kv, R, d={dim}], got {tuple(residual_keys.shape)}")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    if tuple(value_window.shape[:2]) != (batch, kv_heads) or value_window.shape[3] != dim:
+        raise ValueError(
+            f"value_window must be [B={batch}, H_kv={kv_heads}, W, d={dim}], got {tuple(value_window.shape)}"
+        )
+    same_device(query=query, residual_keys=residual_keys, value_window=value_window)
+    committed = 0
+    if keys is not None:
+        key_scores_args(query, keys, proj)
+        if keys.bits.shape[1] != kv_heads:
+            raise ValueError(f"keys have {keys.bits.shape[1]} KV heads but residual_keys have {kv_heads}")
+        committed = keys.num_tokens
+    quantized = 0
+    if values is not None:
+        if not isinstance(values, QuantizedValues):
+            raise TypeError(f"values must be a QuantizedValues or None, got {type(values).__name__}")
+        value_bits(values.bits)
+        tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
+        floating("values.scales", values.scales, rank=4)
+        floating("values.mins", values.mins, rank=4)
+        same_device(query=query, codes=values.codes)
+        if tuple(values.codes.shape[:2]) != (batch, kv_heads) or values.head_dim != dim:
+            raise ValueError(
+                f"values must hold [B={batch}, H_kv={kv_heads}, T_q, d={dim}], got codes {tuple(values.codes.shape)}"
+            )
+        group_size_divides(values.group_size, dim)
+        groups = (batch, kv_heads, values.num_tokens, dim // values.group_size)
+        if tuple(values.scales.shape) != groups or tuple(values.mins.shape) != groups:
+            raise ValueError(f"values.scales / values.mins must be {groups}")
+        quantized = values.num_tokens
+    tokens = committed + residual_keys.shape[2]
+    if quantized + value_window.shape[2] != tokens:
+        raise ValueError(
+            f"keys cover {tokens} tokens ({committed} committed + {residual_keys.shape[2]} residual) but values "
+            f"cover {quantized + value_window.shape[2]} ({quantized} quantized + {value_window.shape[2]} window)"
+        )
+    if tokens == 0:
+        raise ValueError("the layer holds no tokens")
+    if mask is not None:
+        tensor("mask", mask, rank=3, dtypes=(torch.bool,))
+        same_device(query=query, mask=mask)
+        if mask.shape[0] not in (1, batch) or tuple(mask.shape[1:]) != (length, tokens):
+            raise ValueError(f"mask must be [B={batch} or 1, L={length}, T={tokens}], got {tuple(mask.shape)}")

@@ -104,3 +104,31 @@ def _value_matmul_fake(weights, codes, scales, mins, bits, group_size):
     _require(batch == b and tokens == t, "weights must be [B, H_q, L, T] matching the values")
     _require(h_q % h_kv == 0, "weights heads must be a multiple of KV heads")
     return weights.new_empty((batch, h_q, length, d), dtype=torch.float32)
+
+
+@register_fake("qjl::decode_attention")
+def _decode_attention_fake(query, bits, outlier_bits, inlier_norms, outlier_norms, outlier_indices, projection,
+                           residual_keys, value_codes, value_scales, value_mins, value_window, mask, scaling,
+                           value_bits, value_group_size):
+    for name, t, rank in (("query", query, 4), ("bits", bits, 5), ("outlier_bits", outlier_bits, 5),
+                          ("residual_keys", residual_keys, 4), ("value_codes", value_codes, 4),
+                          ("value_window", value_window, 4)):
+        _rank(name, t, rank)
+    for name, t in (("query", query), ("inlier_norms", inlier_norms), ("outlier_norms", outlier_norms),
+                    ("residual_keys", residual_keys), ("value_scales", value_scales), ("value_mins", value_mins),
+                    ("value_window", value_window)):
+        _float(name, t)
+    for name, t in (("bits", bits), ("outlier_bits", outlier_bits), ("outlier_indices", outlier_indices)):
+        _dtype(name, t, torch.uint8)
+    _dtype("value_codes", value_codes, torch.int32)
+    _require(value_bits in (2, 4), f"value_bits must be 2 or 4, got {value_bits}")
+    b, h_q, length, d = query.shape
+    h_kv = bits.shape[1]
+    _require(length > 0, "query must hold at least one row (L > 0)")
+    _require(h_kv > 0 and h_q % h_kv == 0, "query heads must be a multiple of KV heads")
+    tokens = bits.shape[2] * bits.shape[3] + residual_keys.shape[2]
+    _require(value_codes.shape[2] + value_window.shape[2] == tokens, "keys and values must cover the same tokens")
+    if mask is not None:
+        _dtype("mask", mask, torch.bool)
+        _require(mask.dim() == 3 and mask.shape[1] == length and mask.shape[2] == tokens, "mask must be [B, L, T]")
+    return query.new_empty((b, h_q, length, d), dtype=torch.float32)

@@ -42,9 +42,30 @@ def _load_extension():
 _OPS, _EXTENSION_PATH, _EXTENSION_ERROR = _load_extension()
 
 
-def _cuda_ops():
+def _has_kernel(op: str, key: str) -> bool:
+    return _OPS is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"qjl::{op}", key)
+
+
+_HAS_CUDA_KERNELS = _has_kernel("key_scores", "CUDA")
+_HAS_CPU_KERNELS = _has_kernel("decode_attention", "CPU")
+if _OPS is not None and not _HAS_CUDA_KERNELS:
+    _EXTENSION_ERROR = "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+
+
+def _extension_ops():
     """The compiled op namespace ``torch.ops.qjl``, or None when the extension is not built."""
     return _OPS
+
+
+def _cuda_ops():
+    """``torch.ops.qjl`` when the extension holds the CUDA kernels, else None."""
+    return _OPS if _HAS_CUDA_KERNELS else None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the C++ CPU kernels (``"avx512"``, ``"avx2"`` or ``"scalar"``; the
+    environment variable ``QJL_CPU_ISA`` forces one), or None when the extension is not built."""
+    return torch.ops.qjl.cpu_isa() if _HAS_CPU_KERNELS else None
 
 
 class BackendInfo(NamedTuple):
@@ -73,23 +94,30 @@ def backend_info() -> BackendInfo:
     triton_version = triton_ops.TRITON_VERSION if triton_ops.TRITON_ERROR is None else None
     if _OPS is None:
         extension = (
-            f"CUDA extension qjl_kernel._C not loaded ({_EXTENSION_ERROR}); build it with "
-            "`pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch"
+            f"extension qjl_kernel._C not loaded ({_EXTENSION_ERROR}); build it with "
+            "`pip install --no-build-isolation -e .` (its CUDA kernels need nvcc and a CUDA build of torch)"
         )
+    elif not _HAS_CUDA_KERNELS:
+        extension = f"extension loaded with CPU kernels only ({cpu_isa()})"
     else:
-        extension = "CUDA extension loaded"
+        extension = f"extension loaded with CUDA and CPU kernels ({cpu_isa()})"
     gpu = torch.cuda.is_available()
     if _forced_backend != "auto":
         active = _forced_backend
         why = f"forced to {_forced_backend!r} (QJL_BACKEND / set_backend)"
-    elif gpu and _OPS is not None:
+    elif gpu and _HAS_CUDA_KERNELS:
         active, why = "cuda", "CUDA tensors use the CUDA kernels, CPU tensors the reference"
     elif gpu and triton_version is not None:
         active, why = "triton", "CUDA tensors use the Triton kernels, CPU tensors the reference"
     else:
         active = "reference"
         why = "no GPU is visible" if not gpu else "neither the CUDA extension nor Triton can run"
-    return BackendInfo(active, _EXTENSION_PATH, f"{why}; {extension}; {_triton_summary()}", triton_version)
+    cpu = (
+        f"CPU tensors run decode_attention in the C++ kernel ({cpu_isa()})"
+        if _HAS_CPU_KERNELS and _forced_backend != "reference"
+        else "CPU tensors run decode_attention as its reference"
+    )
+    return BackendInfo(active, _EXTENSION_PATH, f"{why}; {cpu}; {extension}; {_triton_summary()}", triton_version)
 
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -137,7 +165,7 @@ def backend_for(*tensors: torch.Tensor) -> str:
     cuda_runnable = _cuda_ops() is not None and on_gpu
     if _forced_backend == "cuda":
         if not cuda_runnable:
-            why = _EXTENSION_ERROR if _OPS is None else "not every tensor is on a GPU"
+            why = _EXTENSION_ERROR if not _HAS_CUDA_KERNELS else "not every tensor is on a GPU"
             raise RuntimeError(f"the qjl_kernel backend is forced to 'cuda' but the kernels cannot run: {why}")
         return "cuda"
     if _forced_backend == "triton":
@@ -289,3 +317,87 @@ def dequantize_values(values: QuantizedValues) -> torch.Tensor:
     if not isinstance(values, QuantizedValues):
         raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
     return reference.dequantize_values_ref(values)
+
+
+def _empty_keys(query: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """Tensors of a :class:`QuantizedKeys` holding no token, for the op's schema."""
+    batch, device = query.shape[0], query.device
+    bits = torch.empty(batch, kv_heads, 0, 1, 0, dtype=torch.uint8, device=device)
+    norms = torch.empty(batch, kv_heads, 0, 1, dtype=query.dtype, device=device)
+    indices = torch.empty(batch, kv_heads, 0, 0, dtype=torch.uint8, device=device)
+    return bits, bits, norms, norms, indices
+
+
+def _empty_values(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Placeholders for "no quantized values" (the kernel reads none of them)."""
+    batch, kv_heads = window.shape[:2]
+    codes = torch.empty(batch, kv_heads, 0, 0, dtype=torch.int32, device=window.device)
+    groups = torch.empty(batch, kv_heads, 0, 0, dtype=window.dtype, device=window.device)
+    return codes, groups, groups
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: QuantizedKeys | None,
+    projection: torch.Tensor | None,
+    residual_keys: torch.Tensor,
+    values: QuantizedValues | None,
+    value_window: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Fused attention of a step's query rows ``[B, H_q, L, d]`` over one layer's compressed state:
+    ``T_c`` committed QJL ``keys`` (with their ``projection``) then exact ``residual_keys``
+    ``[B, H_kv, R, d]``; ``T_q`` quantized ``values`` then the exact ``value_window``
+    ``[B, H_kv, W, d]`` (``T_c + R = T_q + W = T``). ``mask`` is bool ``[B or 1, L, T]`` (True =
+    attend) or None for the causal rule over the ``L`` newest tokens; ``scaling`` defaults to
+    ``d ** -0.5``. Returns float32 ``[B, H_q, L, d]``. See :func:`reference.decode_attention_ref`.
+
+    CPU tensors run the C++ kernel (``torch.ops.qjl.decode_attention``) when the extension is
+    built and the backend is ``auto``; otherwise the step is composed from :func:`key_scores` and
+    :func:`value_matmul` (each on its own backend), or from the references when forced to
+    ``"reference"``."""
+    _checks.decode_attention_args(query, keys, projection, residual_keys, values, value_window, mask)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    if keys is not None and keys.num_tokens == 0:
+        keys = None
+    if values is not None and values.num_tokens == 0:
+        values = None
+    if _forced_backend == "reference":
+        return reference.decode_attention_ref(
+            query, keys, projection, residual_keys, values, value_window, mask, float(scaling)
+        )
+    tensors = [query, residual_keys, value_window] + ([] if keys is None else [*keys, projection])
+    tensors += [] if values is None else [values.codes, values.scales, values.mins]
+    floats = [query, residual_keys, value_window]
+    floats += [] if keys is None else [keys.inlier_norms, keys.outlier_norms]
+    floats += [] if values is None else [values.scales, values.mins]
+    use_cpu_kernel = (
+        _forced_backend == "auto"
+        and _HAS_CPU_KERNELS
+        and all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype in _KERNEL_FLOATS for t in floats)
+    )
+    if not use_cpu_kernel:
+        return reference.decode_attention_ref(
+            query, keys, projection, residual_keys, values, value_window, mask, float(scaling),
+            key_scores_fn=key_scores, value_matmul_fn=value_matmul,
+        )
+    kv_heads = residual_keys.shape[1]
+    if keys is None:
+        key_parts = _empty_keys(query, kv_heads)
+        projection = torch.empty(0, query.shape[-1], device=query.device)
+    else:
+        key_parts = (keys.bits, keys.outlier_bits, keys.inlier_norms, keys.outlier_norms, keys.outlier_indices)
+    if values is None:
+        value_parts, value_bits, group_size = _empty_values(value_window), 2, 1
+    else:
+        value_parts = (values.codes, values.scales, values.mins)
+        value_bits, group_size = values.bits, values.group_size
+    return _OPS.decode_attention.default(
+        query, *key_parts, projection, residual_keys, *value_parts, value_window, mask, float(scaling),
+        value_bits, group_size,
+    )

@@ -190,3 +190,74 @@ def value_matmul_ref(weights: torch.Tensor, values: QuantizedValues) -> torch.Te
       float32 ``[B, H_q, L, d]``.
     """
     return gqa_weighted_sum(weights, dequantize_values_ref(values))
+
+
+def exact_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """float32 ``q . k`` with GQA: query ``[B, H_q, L, d]``, keys ``[B, H_kv, T, d]`` -> ``[B, H_q, L, T]``."""
+    batch, q_heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
+    scores = q @ keys.float().unsqueeze(2).transpose(-1, -2)
+    return scores.view(batch, q_heads, length, keys.shape[2])
+
+
+def causal_mask(length: int, tokens: int, device=None) -> torch.Tensor:
+    """bool ``[L, T]``: the ``L`` newest of ``T`` positions see every position up to their own."""
+    rows = torch.arange(length, device=device)[:, None] + (tokens - length)
+    return torch.arange(tokens, device=device)[None, :] <= rows
+
+
+# The logit of a masked position. Finite, so that a row with every position masked (a query at a
+# padding position) gets a uniform softmax instead of NaN, as transformers' SDPA masks do.
+MASKED_LOGIT = torch.finfo(torch.float32).min
+
+
+def decode_attention_ref(
+    query: torch.Tensor,
+    keys: QuantizedKeys | None,
+    projection: torch.Tensor | None,
+    residual_keys: torch.Tensor,
+    values: QuantizedValues | None,
+    value_window: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    *,
+    key_scores_fn=key_scores_ref,
+    value_matmul_fn=value_matmul_ref,
+) -> torch.Tensor:
+    """Attention of a step's query rows over one layer's compressed KV state (the fused op's spec).
+
+    The layer holds ``T`` tokens. Keys: the oldest ``T_c`` as QJL sketches (``keys``), then
+    ``R = T - T_c`` exact ``residual_keys``. Values: the oldest ``T_q`` quantized (``values``), then
+    ``W = T - T_q`` exact ``value_window``. The two splits are independent.
+
+    Args:
+      query: ``[B, H_q, L, d]``, ``H_q = r * H_kv`` (query head ``h`` reads KV head ``h // r``).
+      keys: :class:`QuantizedKeys` of ``T_c`` tokens, or None (``T_c = 0``).
+      projection: ``S`` (``[m, d]``) of ``keys``; may be None when ``keys`` is None.
+      residual_keys: ``[B, H_kv, R, d]``.
+      values: :class:`QuantizedValues` of ``[B, H_kv, T_q, d]``, or None (``T_q = 0``).
+      value_window: ``[B, H_kv, W, d]``.
+      mask: bool ``[B, L, T]`` (True = attend), or None: row ``i`` sees positions
+        ``<= T - L + i`` (the causal rule for the step's ``L`` newest tokens).
+      scaling: softmax scale (usually ``d ** -0.5``).
+      key_scores_fn / value_matmul_fn: the implementations of the two sub-steps (the references
+        by default; :mod:`qjl_kernel.ops` passes its dispatching ops for the unfused GPU path).
+    Returns:
+      float32 ``[B, H_q, L, d]``: ``softmax(scaling * scores, masked) @ values``.
+    """
+    length = query.shape[2]
+    parts = []
+    if keys is not None and keys.num_tokens:
+        parts.append(key_scores_fn(query, keys, projection))
+    if residual_keys.shape[2]:
+        parts.append(exact_scores(query, residual_keys))
+    scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scaling
+    tokens = scores.shape[-1]
+    allowed = causal_mask(length, tokens, query.device) if mask is None else mask[:, None, :, :tokens]
+    probs = torch.softmax(scores.masked_fill(~allowed, MASKED_LOGIT), dim=-1)
+    n_quantized = 0 if values is None else values.num_tokens
+    output = gqa_weighted_sum(probs[..., n_quantized:], value_window)
+    if n_quantized:
+        output = output + value_matmul_fn(probs[..., :n_quantized], values)
+    return output

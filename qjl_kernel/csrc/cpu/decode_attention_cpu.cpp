@@ -1,0 +1,349 @@
+// Host side of the fused CPU decode attention (torch.ops.qjl.decode_attention on CPU tensors):
+// argument checks, float32 staging of the small inputs, S q once per query row, tasks over
+// (batch, KV head, token chunk) run with at::parallel_for, partial results merged by log-sum-exp.
+// The spec is qjl_kernel/reference.py::decode_attention_ref.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_ops.h"
+#include "decode_kernel.h"
+
+#define QJL_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
+#define QJL_CHECK_DTYPE(x, dt) \
+  TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
+#define QJL_CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have rank " #n ", got shape ", (x).sizes())
+#define QJL_CHECK_FLOAT(x)                                                                                        \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                             \
+                  (x).scalar_type() == at::kBFloat16,                                                            \
+              #x " must be float16, bfloat16 or float32, got ", (x).scalar_type())
+
+namespace qjl {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxSpan = 4096;   // tokens per task: logits of one task stay in L2
+constexpr int64_t kMinSpan = 256;    // fewest tokens worth a task of its own
+
+// True when dims [first, dim) of t are dense (sizes of 1 may have any stride; empty tensors are).
+bool inner_dense(const at::Tensor& t, int64_t first) {
+  if (t.numel() == 0) return true;
+  int64_t expected = 1;
+  for (int64_t i = t.dim() - 1; i >= first; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expected) return false;
+    expected *= t.size(i);
+  }
+  return true;
+}
+
+// Which task kernel runs: QJL_CPU_ISA (scalar | avx2 | avx512) if set, else the widest this CPU
+// and this build support, capped by ATEN_CPU_CAPABILITY (default | avx2 | avx512) like ATen's own.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (isa == Isa::kAvx512) {
+    return avx512_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  if (isa == Isa::kAvx2) return avx2_compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == Isa::kScalar;
+}
+
+Isa parse_isa(const std::string& name, const char* variable) {
+  if (name == "scalar" || name == "default") return Isa::kScalar;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512") return Isa::kAvx512;
+  TORCH_CHECK(false, variable, " must be one of scalar, avx2, avx512 (got '", name, "')");
+}
+
+Isa choose_isa() {
+  if (const char* forced = std::getenv("QJL_CPU_ISA"); forced != nullptr && *forced) {
+    const Isa isa = parse_isa(forced, "QJL_CPU_ISA");
+    TORCH_CHECK(cpu_has(isa), "QJL_CPU_ISA=", forced, " but this CPU or build does not support it");
+    return isa;
+  }
+  Isa cap = Isa::kAvx512;
+  if (const char* aten = std::getenv("ATEN_CPU_CAPABILITY"); aten != nullptr && *aten) {
+    std::string name(aten);
+    for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (name == "default" || name == "avx2" || name == "avx512") cap = parse_isa(name, "ATEN_CPU_CAPABILITY");
+  }
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (static_cast<int>(isa) <= static_cast<int>(cap) && cpu_has(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kScalar:
+      return "scalar";
+  }
+  TORCH_CHECK(false, "unknown ISA");
+}
+
+DecodeTaskFn task_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return &decode_task_avx512;
+    case Isa::kAvx2:
+      return &decode_task_avx2;
+    case Isa::kScalar:
+      return &decode_task_scalar;
+  }
+  TORCH_CHECK(false, "unknown ISA");
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+std::string cpu_isa() { return isa_name(choose_isa()); }
+
+at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits, const at::Tensor& outlier_bits,
+                                const at::Tensor& inlier_norms, const at::Tensor& outlier_norms,
+                                const at::Tensor& outlier_indices, const at::Tensor& projection,
+                                const at::Tensor& residual_keys, const at::Tensor& value_codes,
+                                const at::Tensor& value_scales, const at::Tensor& value_mins,
+                                const at::Tensor& value_window, const c10::optional<at::Tensor>& mask,
+                                double scaling, int64_t value_bits, int64_t value_group_size) {
+  for (const at::Tensor* t : {&query, &bits, &outlier_bits, &inlier_norms, &outlier_norms, &outlier_indices,
+                              &projection, &residual_keys, &value_codes, &value_scales, &value_mins, &value_window}) {
+    TORCH_CHECK(t->device().is_cpu(), "decode_attention (CPU kernel): every tensor must be on the CPU, got ",
+                t->device());
+  }
+  QJL_CHECK_DIM(query, 4);
+  QJL_CHECK_DIM(bits, 5);
+  QJL_CHECK_DIM(outlier_bits, 5);
+  QJL_CHECK_DIM(inlier_norms, 4);
+  QJL_CHECK_DIM(outlier_norms, 4);
+  QJL_CHECK_DIM(outlier_indices, 4);
+  QJL_CHECK_DIM(projection, 2);
+  QJL_CHECK_DIM(residual_keys, 4);
+  QJL_CHECK_DIM(value_codes, 4);
+  QJL_CHECK_DIM(value_scales, 4);
+  QJL_CHECK_DIM(value_mins, 4);
+  QJL_CHECK_DIM(value_window, 4);
+  QJL_CHECK_FLOAT(query);
+  QJL_CHECK_FLOAT(inlier_norms);
+  QJL_CHECK_FLOAT(outlier_norms);
+  QJL_CHECK_FLOAT(residual_keys);
+  QJL_CHECK_FLOAT(value_scales);
+  QJL_CHECK_FLOAT(value_mins);
+  QJL_CHECK_FLOAT(value_window);
+  TORCH_CHECK(projection.is_floating_point(), "projection must be a float tensor, got ", projection.scalar_type());
+  QJL_CHECK_DTYPE(bits, at::kByte);
+  QJL_CHECK_DTYPE(outlier_bits, at::kByte);
+  QJL_CHECK_DTYPE(outlier_indices, at::kByte);
+  QJL_CHECK_DTYPE(value_codes, at::kInt);
+  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
+
+  const int64_t B = query.size(0), H_q = query.size(1), L = query.size(2), d = query.size(3);
+  const int64_t H_kv = bits.size(1), N = bits.size(2), G = bits.size(3), m = bits.size(4) * 8;
+  const int64_t m_o = outlier_bits.size(4) * 8, n_out = outlier_indices.size(3);
+  const int64_t T_c = N * G, R = residual_keys.size(2), T = T_c + R;
+  const int64_t T_q = value_codes.size(2), W = value_window.size(2);
+  TORCH_CHECK(L > 0, "query must hold at least one row (L > 0)");
+  TORCH_CHECK(H_kv > 0 && H_q % H_kv == 0, "query heads (", H_q, ") must be a multiple of KV heads (", H_kv, ")");
+  const std::vector<int64_t> lead{B, H_kv, N, G};
+  TORCH_CHECK(bits.size(0) == B, "bits must be [B = ", B, ", H_kv, n_groups, G, m / 8], got ", bits.sizes());
+  TORCH_CHECK(outlier_bits.sizes().slice(0, 4) == at::IntArrayRef(lead), "outlier_bits must be ",
+              at::IntArrayRef(lead), " + [m_o / 8], got ", outlier_bits.sizes());
+  TORCH_CHECK(inlier_norms.sizes() == at::IntArrayRef(lead) && outlier_norms.sizes() == at::IntArrayRef(lead),
+              "inlier_norms / outlier_norms must be ", at::IntArrayRef(lead), ", got ", inlier_norms.sizes(), " / ",
+              outlier_norms.sizes());
+  TORCH_CHECK(outlier_indices.sizes().slice(0, 3) == at::IntArrayRef(lead).slice(0, 3),
+              "outlier_indices must be [B, H_kv, n_groups, n_out] = ", at::IntArrayRef(lead).slice(0, 3),
+              " + [n_out], got ", outlier_indices.sizes());
+  TORCH_CHECK(n_out <= d, "outlier_indices selects ", n_out, " channels, more than head_dim ", d);
+  TORCH_CHECK(m_o <= m, "outlier sketch (", m_o, " bits) larger than the sketch (", m, " bits)");
+  TORCH_CHECK(T_c == 0 || (projection.size(0) == m && projection.size(1) == d), "projection must be [m = ", m,
+              ", d = ", d, "], got ", projection.sizes());
+  const std::vector<int64_t> kv_shape{B, H_kv};
+  TORCH_CHECK(residual_keys.size(0) == B && residual_keys.size(1) == H_kv && residual_keys.size(3) == d,
+              "residual_keys must be [B = ", B, ", H_kv = ", H_kv, ", R, d = ", d, "], got ", residual_keys.sizes());
+  TORCH_CHECK(value_window.size(0) == B && value_window.size(1) == H_kv && value_window.size(3) == d,
+              "value_window must be [B = ", B, ", H_kv = ", H_kv, ", W, d = ", d, "], got ", value_window.sizes());
+  TORCH_CHECK(T_q + W == T, "values hold ", T_q, " quantized + ", W, " window tokens but keys hold ", T_c,
+              " committed + ", R, " residual: the two must cover the same tokens");
+  TORCH_CHECK(T > 0, "the layer holds no tokens");
+  const int64_t per_word = 32 / value_bits;
+  if (T_q > 0) {  // no quantized values: the value tensors are placeholders and unread
+    TORCH_CHECK(value_group_size > 0 && d % value_group_size == 0,
+                "value_group_size must be a positive divisor of head_dim ", d, ", got ", value_group_size);
+    TORCH_CHECK(d % per_word == 0, "head_dim ", d, " must be a multiple of ", per_word, " for ", value_bits,
+                "-bit codes");
+    const std::vector<int64_t> code_shape{B, H_kv, T_q, d / per_word};
+    const std::vector<int64_t> group_shape{B, H_kv, T_q, d / value_group_size};
+    TORCH_CHECK(value_codes.sizes() == at::IntArrayRef(code_shape), "value_codes must be ",
+                at::IntArrayRef(code_shape), ", got ", value_codes.sizes());
+    TORCH_CHECK(value_scales.sizes() == at::IntArrayRef(group_shape) &&
+                    value_mins.sizes() == at::IntArrayRef(group_shape),
+                "value_scales / value_mins must be ", at::IntArrayRef(group_shape), ", got ", value_scales.sizes(),
+                " / ", value_mins.sizes());
+  }
+  TORCH_CHECK(inner_dense(bits, 2) && inner_dense(outlier_bits, 2) && inner_dense(inlier_norms, 2) &&
+                  inner_dense(outlier_norms, 2) && inner_dense(outlier_indices, 2),
+              "the committed key tensors must be dense from their group axis on (views along B and H_kv are fine)");
+  TORCH_CHECK(inner_dense(value_codes, 2) && inner_dense(value_scales, 2) && inner_dense(value_mins, 2),
+              "value_codes / value_scales / value_mins must be dense from their token axis on");
+  if (n_out > 0 && outlier_indices.numel() > 0) {
+    const int64_t high = outlier_indices.max().item<int64_t>();
+    TORCH_CHECK(high < d, "outlier_indices must lie in [0, ", d, "), got ", high);
+  }
+
+  auto f32 = query.options().dtype(at::kFloat);
+  at::Tensor output = at::empty({B, H_q, L, d}, f32);
+  if (B == 0 || d == 0) return output;
+
+  // float32 staging. Queries, residual keys and the window are small; the per-token state (norms,
+  // scales, mins) is read in place when float32 and converted once here otherwise.
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor proj = T_c > 0 ? projection.to(at::kFloat) : at::empty({0, d}, f32);
+  const at::Tensor proj_t = proj.t().contiguous();                                   // [d, m]
+  const at::Tensor sketch = T_c > 0 ? at::matmul(q, proj.t()).contiguous() : at::empty({0}, f32);  // [B, H_q, L, m]
+  const at::Tensor sketch_sums = T_c > 0 ? sketch.sum(-1).contiguous() : at::empty({0}, f32);
+  const at::Tensor channel_sums_m = T_c > 0 ? proj_t.sum(1).contiguous() : at::empty({0}, f32);
+  const at::Tensor channel_sums_mo =
+      T_c > 0 ? proj_t.narrow(1, 0, m_o).sum(1).contiguous() : at::empty({0}, f32);
+  const at::Tensor norms_in = inlier_norms.to(at::kFloat), norms_out = outlier_norms.to(at::kFloat);
+  const at::Tensor scales = value_scales.to(at::kFloat), mins = value_mins.to(at::kFloat);
+  const at::Tensor residual = residual_keys.to(at::kFloat).contiguous();
+  const at::Tensor window = value_window.to(at::kFloat).contiguous();
+  at::Tensor mask_u8;
+  if (mask.has_value() && mask->defined()) {
+    QJL_CHECK_CPU(*mask);
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool (True = attend), got ", mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 3 && (mask->size(0) == B || mask->size(0) == 1) && mask->size(1) == L &&
+                    mask->size(2) == T,
+                "mask must be [B = ", B, " (or 1), L = ", L, ", T = ", T, "], got ", mask->sizes());
+    mask_u8 = mask->expand({B, L, T}).contiguous();
+  }
+
+  DecodeArgs a;
+  a.kv_heads = H_kv;
+  a.rows = (H_q / H_kv) * L;
+  a.length = L;
+  a.dim = d;
+  a.tokens = T;
+  a.query = q.data_ptr<float>();
+  a.committed = T_c;
+  a.group = G;
+  if (T_c > 0) {
+    a.query_sketch = sketch.data_ptr<float>();
+    a.sketch_sums = sketch_sums.data_ptr<float>();
+    a.projection_t = proj_t.data_ptr<float>();
+    a.channel_sums_m = channel_sums_m.data_ptr<float>();
+    a.channel_sums_mo = channel_sums_mo.data_ptr<float>();
+    a.m = m;
+    a.m_o = m_o;
+    a.n_out = n_out;
+    a.bits = bits.data_ptr<uint8_t>();
+    a.bits_sb = bits.stride(0);
+    a.bits_sh = bits.stride(1);
+    a.outlier_bits = outlier_bits.data_ptr<uint8_t>();
+    a.obits_sb = outlier_bits.stride(0);
+    a.obits_sh = outlier_bits.stride(1);
+    a.inlier_norms = norms_in.data_ptr<float>();
+    a.in_sb = norms_in.stride(0);
+    a.in_sh = norms_in.stride(1);
+    a.outlier_norms = norms_out.data_ptr<float>();
+    a.on_sb = norms_out.stride(0);
+    a.on_sh = norms_out.stride(1);
+    a.outlier_indices = outlier_indices.data_ptr<uint8_t>();
+    a.idx_sb = outlier_indices.stride(0);
+    a.idx_sh = outlier_indices.stride(1);
+    a.inlier_scale = static_cast<float>(std::sqrt(M_PI / 2.0) / static_cast<double>(m));
+    a.outlier_scale = m_o > 0 ? static_cast<float>(std::sqrt(M_PI / 2.0) / static_cast<double>(m_o)) : 0.f;
+  }
+  a.residual = residual.data_ptr<float>();
+  a.quantized = T_q;
+  a.value_bits = value_bits;
+  a.value_group = value_group_size;
+  if (T_q > 0) {
+    a.words = d / per_word;
+    a.codes = value_codes.data_ptr<int32_t>();
+    a.codes_sb = value_codes.stride(0);
+    a.codes_sh = value_codes.stride(1);
+    a.scales = scales.data_ptr<float>();
+    a.scales_sb = scales.stride(0);
+    a.scales_sh = scales.stride(1);
+    a.mins = mins.data_ptr<float>();
+    a.mins_sb = mins.stride(0);
+    a.mins_sh = mins.stride(1);
+  }
+  a.window = window.data_ptr<float>();
+  a.mask = mask_u8.defined() ? static_cast<const uint8_t*>(mask_u8.data_ptr()) : nullptr;  // bool is one byte, 0 or 1
+  a.scaling = static_cast<float>(scaling);
+
+  // Tasks: (batch, KV head, chunk of tokens). Enough chunks to keep every thread busy, each short
+  // enough for its logits to stay in cache and long enough to be worth a task.
+  const int64_t threads = at::get_num_threads(), heads = B * H_kv;
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(4 * threads, heads));
+  int64_t chunks = std::min(wanted, ceil_div(T, kMinSpan));
+  chunks = std::max(chunks, ceil_div(T, kMaxSpan));
+  int64_t span = ceil_div(T, chunks);
+  if (G > 1) span = ceil_div(span, G) * G;  // chunks start on key-group boundaries
+  chunks = ceil_div(T, span);
+  const int64_t tasks = heads * chunks, rows = a.rows;
+
+  std::vector<float> row_max(tasks * rows), row_sum(tasks * rows), row_acc(tasks * rows * d);
+  const DecodeTaskFn task = task_for(choose_isa());
+  const int64_t workspace = decode_workspace_floats(a, span);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(workspace);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t chunk = i % chunks, bh = i / chunks;
+      const int64_t t0 = chunk * span, t1 = std::min(T, t0 + span);
+      task(a, bh / H_kv, bh % H_kv, t0, t1, &row_max[i * rows], &row_sum[i * rows], &row_acc[i * rows * d],
+           scratch.data());
+    }
+  });
+
+  // Merge the chunks of each (batch, KV head) by log-sum-exp.
+  float* out = output.data_ptr<float>();  // [B, H_kv, rows, d]: rows of a KV head are its query heads x L
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float mx = -std::numeric_limits<float>::max();
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, row_max[(bh * chunks + c) * rows + r]);
+        float total = 0.f;
+        float* o = out + (bh * rows + r) * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t i = bh * chunks + c;
+          const float w = std::exp(row_max[i * rows + r] - mx);
+          total += w * row_sum[i * rows + r];
+          const float* acc = &row_acc[(i * rows + r) * d];
+          for (int64_t k = 0; k < d; ++k) o[k] += w * acc[k];
+        }
+        const float inv = 1.f / total;
+        for (int64_t k = 0; k < d; ++k) o[k] *= inv;
+      }
+    }
+  });
+  return output;
+}
+
+}  // namespace cpu
+}  // namespace qjl
+
