@@ -65,6 +65,21 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, tokens: int) -
     return row.expand(batch, tokens)
 
 
+def _step_mask(attention_mask: torch.Tensor | None, tokens: int):
+    """The 4D mask ``[B or 1, 1, L, >= T]`` as bool ``[B or 1, L, T]`` (True = attend) for the
+    fused op; None without a mask (the op applies the causal rule); False when the mask carries
+    additive biases other than 0 / -inf, which only the composed path applies."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, 0, :, :tokens]
+    if mask.dtype == torch.bool:
+        return mask
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    if bool((mask[allowed] != 0).any()):
+        return False
+    return allowed
+
+
 def _masked_fill_value() -> float:
     # A finite minimum keeps fully masked rows (queries at padding positions) finite after softmax.
     return torch.finfo(torch.float32).min
@@ -159,6 +174,31 @@ class CompressedLayer(CacheLayerMixin):
         return output.to(query.dtype).contiguous()
 
     def _attend_compressed(self, query, attention_mask, scaling, start) -> torch.Tensor:
+        fused = self._attend_fused(query, attention_mask, scaling, start)
+        if fused is not None:
+            return fused
+        return self._attend_composed(query, attention_mask, scaling, start)
+
+    def _attend_fused(self, query, attention_mask, scaling, start) -> torch.Tensor | None:
+        """The step through the fused op :func:`qjl_kernel.decode_attention`, when every row sees
+        the state as stored: no buffer boundary crossed inside the step (always true for one new
+        token) and a mask that is boolean or 0/-inf. None otherwise (the composed path then applies
+        the row-by-row rule)."""
+        keys, values = self.key_store, self.value_store
+        length, total = query.shape[2], keys.seq_len
+        if ((start + length - 1) // keys.buffer_size) * keys.buffer_size > keys.num_committed:
+            return None  # a row past a boundary sees residual keys compressed
+        if values.bits != 16 and length - 1 + values.num_window - length - values.buffer_size > 0:
+            return None  # a row past the first sees window values quantized
+        mask = _step_mask(attention_mask, total)
+        if mask is False:
+            return None
+        committed, projection, exact_keys = keys.fused_parts()
+        return qjl_kernel.decode_attention(
+            query, committed, projection, exact_keys, values.quantized, values.window, mask, scaling
+        )
+
+    def _attend_composed(self, query, attention_mask, scaling, start) -> torch.Tensor:
         keys, values = self.key_store, self.value_store
         length = query.shape[2]
         device = query.device

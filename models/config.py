@@ -104,6 +104,14 @@ class QJLConfig:
             if head_dim % (32 // bits):
                 raise ValueError(f"head_dim ({head_dim}) must be a multiple of {32 // bits} for {bits}-bit values")
 
+    def scaled_to_layers(self, num_layers: int, reference_layers: int = 32) -> "QJLConfig":
+        """This configuration for a model of ``num_layers`` layers, keeping the share of layers with
+        the initial-layer budget (the paper's 15 of Llama-2's 32 becomes 14 of SmolLM2's 30)."""
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        count = round(self.initial_layers_count * num_layers / reference_layers)
+        return dataclasses.replace(self, initial_layers_count=min(count, num_layers))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

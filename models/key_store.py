@@ -114,6 +114,16 @@ class KeyStore:
         """Exact ``<q, k>`` for the residual keys, float32 ``[B, H_q, L, R]``."""
         return None if self.num_residual == 0 else exact_scores(query, self.residual)
 
+    def fused_parts(self):
+        """What :func:`qjl_kernel.decode_attention` reads of these keys: ``(committed QJL keys or
+        None, their projection or None, exact keys [B, H_kv, R, d])``. Formats the op cannot read
+        from their compressed form pass their committed keys dequantized among the exact ones."""
+        dense = self.dequantized()
+        residual = self.residual
+        if dense is None:
+            return None, None, residual
+        return None, None, torch.cat([dense.to(residual.dtype), residual], dim=2)
+
     def dequantized(self) -> torch.Tensor | None:
         """Key tensors for the committed part, float32 ``[B, H_kv, T_c, d]`` (slow path)."""
         state = self.quantized
@@ -157,6 +167,9 @@ class QJLKeyStore(KeyStore):
 
     def scores(self, state: QuantizedKeys, query: torch.Tensor) -> torch.Tensor:
         return qjl_kernel.key_scores(query, state, self.sketch.projection_on(query.device))
+
+    def fused_parts(self):
+        return self.quantized, self.sketch.projection_on(self.residual.device), self.residual
 
     def dequantize_state(self, state: QuantizedKeys) -> torch.Tensor:
         """Unbiased estimates ``k_hat``; their dot products equal the QJL scores exactly."""
