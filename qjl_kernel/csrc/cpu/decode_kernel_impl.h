@@ -146,12 +146,8 @@ inline void masked_sums_block(const float* const* v, const uint8_t* bits, int64_
     for (int j = 0; j < kTokenBlock; ++j) acc[r][j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= m; i += 16) {
-    __mmask16 k[kTokenBlock];
-    for (int j = 0; j < kTokenBlock; ++j) {
-      uint16_t word;
-      std::memcpy(&word, bits + j * stride + i / 8, 2);
-      k[j] = static_cast<__mmask16>(word);
-    }
+    __mmask16 k[kTokenBlock];  // loaded straight into mask registers (kmovw from memory)
+    for (int j = 0; j < kTokenBlock; ++j) k[j] = _load_mask16(reinterpret_cast<__mmask16*>(const_cast<uint8_t*>(bits + j * stride + i / 8)));
     for (int r = 0; r < NR; ++r) {
       const __m512 x = _mm512_loadu_ps(v[r] + i);
       // Half of the masked adds run as masked x * 1 + acc (the same exactly rounded sum) so that
@@ -375,7 +371,28 @@ inline void masked_sums_block_rows(const float* const* v, int64_t rows, const ui
 inline void outlier_sketch(const float* q, const uint8_t* channels, int64_t n_out, const float* projection_t,
                            int64_t m, const float* sq, float* u, float* v) {
 #if QJL_ISA_LEVEL == 2
-  for (int64_t i = 0; i < m; i += 16) {
+  int64_t i = 0;
+  for (; i + 64 <= m; i += 64) {  // four independent accumulator chains
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t o = 0; o < n_out; ++o) {
+      const int64_t c = channels[o];
+      const __m512 qc = _mm512_set1_ps(q[c]);
+      const float* col = projection_t + c * m + i;
+      a0 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col), a0);
+      a1 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 16), a1);
+      a2 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 32), a2);
+      a3 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 48), a3);
+    }
+    _mm512_storeu_ps(u + i, a0);
+    _mm512_storeu_ps(u + i + 16, a1);
+    _mm512_storeu_ps(u + i + 32, a2);
+    _mm512_storeu_ps(u + i + 48, a3);
+    _mm512_storeu_ps(v + i, _mm512_sub_ps(_mm512_loadu_ps(sq + i), a0));
+    _mm512_storeu_ps(v + i + 16, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 16), a1));
+    _mm512_storeu_ps(v + i + 32, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 32), a2));
+    _mm512_storeu_ps(v + i + 48, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 48), a3));
+  }
+  for (; i < m; i += 16) {
     const __mmask16 k = m - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (m - i)) - 1u);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t o = 0; o < n_out; ++o) {
