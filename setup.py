@@ -33,6 +33,7 @@ CPU_SOURCES = [
     "cpu/decode_kernel_scalar.cpp",
     "cpu/decode_kernel_avx2.cpp",
     "cpu/decode_kernel_avx512.cpp",
+    "cpu/quantize_values_cpu.cpp",
 ]
 CUDA_SOURCES = ["ops.cpp", "quantize_keys.cu", "key_scores.cu", "quantize_values.cu", "value_matmul.cu"]
 # at::parallel_for runs its OpenMP loop only in code compiled with OpenMP (ATen/ParallelOpenMP.h).

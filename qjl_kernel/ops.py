@@ -278,6 +278,10 @@ def quantize_values(values: torch.Tensor, group_size: int, bits: int) -> Quantiz
     """Quantize values ``[..., T, d]`` per token in groups of ``group_size`` channels to
     ``bits`` (2 or 4) bits. See :func:`reference.quantize_values_ref`."""
     _checks.quantize_values_args(values, group_size, bits)
+    if _forced_backend == "auto" and _HAS_CPU_KERNELS and values.device.type == "cpu" and values.dtype in _KERNEL_FLOATS:
+        # The C++ CPU kernel, bit-identical to the reference (csrc/cpu/quantize_values_cpu.cpp).
+        codes, scales, mins = _OPS.quantize_values.default(values, group_size, bits)
+        return QuantizedValues(codes, scales, mins, bits, group_size)
     kernels = _kernels(values, floats=(values,))
     if kernels is not None:
         codes, scales, mins = kernels.quantize_values(values.contiguous(), group_size, bits)

@@ -32,8 +32,19 @@ def pack_sign_bits(sketch: torch.Tensor) -> torch.Tensor:
     if m % SIGN_BITS_PER_BYTE:
         raise ValueError(f"sketch size must be a multiple of 8, got {m}")
     positive = (sketch > 0).view(*sketch.shape[:-1], m // SIGN_BITS_PER_BYTE, SIGN_BITS_PER_BYTE)
-    weights = torch.bitwise_left_shift(1, _bit_positions(sketch.device, SIGN_BITS_PER_BYTE))
-    return (positive.to(torch.int64) * weights).sum(-1).to(torch.uint8)
+    # uint8 throughout (distinct powers of two sum to at most 255): 8x less memory than int64.
+    return (positive.to(torch.uint8) * _byte_weights(sketch.device)).sum(-1, dtype=torch.uint8)
+
+
+_BYTE_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_weights(device: torch.device) -> torch.Tensor:
+    """uint8 ``[8]``: 1, 2, 4, ..., 128 (bit i of a byte is coordinate 8 j + i)."""
+    if device not in _BYTE_WEIGHTS:
+        _BYTE_WEIGHTS[device] = torch.tensor([1 << i for i in range(SIGN_BITS_PER_BYTE)], dtype=torch.uint8,
+                                             device=device)
+    return _BYTE_WEIGHTS[device]
 
 
 def unpack_sign_bits(bits: torch.Tensor) -> torch.Tensor:

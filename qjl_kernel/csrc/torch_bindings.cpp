@@ -36,7 +36,10 @@ TORCH_LIBRARY(qjl, m) {
   m.def("cpu_isa() -> str", &qjl::cpu::cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(qjl, CPU, m) { m.impl("decode_attention", &qjl::cpu::decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(qjl, CPU, m) {
+  m.impl("decode_attention", &qjl::cpu::decode_attention_cpu);
+  m.impl("quantize_values", &qjl::cpu::quantize_values_cpu);
+}
 
 #if defined(QJL_WITH_CUDA)
 TORCH_LIBRARY_IMPL(qjl, CUDA, m) {

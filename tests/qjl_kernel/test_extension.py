@@ -1,6 +1,8 @@
-"""CPU tier for the CUDA extension: it builds where nvcc is, registers every op with the expected
-schema, and its fake (meta) implementations give shapes, dtypes and clear errors without a GPU."""
+"""CPU tier for the extension: it always builds with its CPU kernels, builds its CUDA kernels where nvcc
+is, registers every op with the expected schema, and its fake (meta) implementations give shapes,
+dtypes and clear errors without a GPU."""
 
+import os
 import shutil
 
 import pytest
@@ -11,8 +13,9 @@ import qjl_kernel
 from qjl_kernel import ops as qjl_ops
 
 HAVE_NVCC = shutil.which("nvcc") is not None or qjl_ops._cuda_ops() is not None
+CUDA_DISABLED = os.environ.get("QJL_BUILD_CUDA", "").strip() == "0"
 needs_extension = pytest.mark.skipif(
-    qjl_ops._cuda_ops() is None, reason=f"qjl_kernel._C not loaded: {qjl_kernel.backend_info().reason}"
+    qjl_ops._extension_ops() is None, reason=f"qjl_kernel._C not loaded: {qjl_kernel.backend_info().reason}"
 )
 
 EXPECTED_SCHEMAS = {
@@ -23,16 +26,30 @@ EXPECTED_SCHEMAS = {
     "quantize_values": "qjl::quantize_values(Tensor values, int group_size, int bits) -> (Tensor, Tensor, Tensor)",
     "value_matmul": "qjl::value_matmul(Tensor weights, Tensor codes, Tensor scales, Tensor mins, int bits, "
     "int group_size) -> Tensor",
+    "decode_attention": "qjl::decode_attention(Tensor query, Tensor bits, Tensor outlier_bits, Tensor inlier_norms, "
+    "Tensor outlier_norms, Tensor outlier_indices, Tensor projection, Tensor residual_keys, Tensor value_codes, "
+    "Tensor value_scales, Tensor value_mins, Tensor value_window, Tensor? mask, float scaling, int value_bits, "
+    "int value_group_size) -> Tensor",
+    "cpu_isa": "qjl::cpu_isa() -> str",
 }
 
 B, H_KV, RATIO, N, G, D, M, M_O, N_OUT, L, T = 2, 2, 4, 3, 32, 128, 256, 128, 8, 1, 100
 
 
-@pytest.mark.skipif(not HAVE_NVCC, reason="no nvcc on this machine: the extension is not expected to be built")
+@pytest.mark.skipif(not HAVE_NVCC, reason="no nvcc on this machine: the CUDA kernels are not expected to be built")
+@pytest.mark.skipif(CUDA_DISABLED, reason="QJL_BUILD_CUDA=0: built without CUDA kernels on purpose")
 def test_extension_builds_where_nvcc_is():
     info = qjl_kernel.backend_info()
-    assert qjl_ops._cuda_ops() is not None, f"nvcc is present but the extension did not load: {info.reason}"
+    assert qjl_ops._cuda_ops() is not None, f"nvcc is present but the CUDA kernels are not loaded: {info.reason}"
     assert info.extension is not None
+
+
+def test_extension_has_cpu_kernels():
+    """The CPU kernels need only a C++ compiler: every build has them."""
+    info = qjl_kernel.backend_info()
+    assert qjl_ops._HAS_CPU_KERNELS, f"the extension or its CPU kernels did not load: {info.reason}"
+    assert qjl_kernel.cpu_isa() in ("avx512", "avx2", "scalar")
+    assert qjl_kernel.cpu_isa() in info.reason
 
 
 def test_backend_info_says_why():
@@ -71,9 +88,7 @@ def _value_state(device, bits=2, gs=32, dtype=torch.float16):
 
 @needs_extension
 def test_cpu_tensors_are_refused_by_the_dispatcher():
-    """No CPU kernel is registered: the dispatcher names the op and the backend."""
-    with pytest.raises(NotImplementedError, match=r"qjl::quantize_values.*'CPU' backend"):
-        torch.ops.qjl.quantize_values.default(torch.randn(4, 64), 32, 2)
+    """Ops without a CPU kernel: the dispatcher names the op and the backend."""
     keys = torch.randn(1, 1, 1, 8, 64)
     with pytest.raises(NotImplementedError, match=r"qjl::quantize_keys.*'CPU' backend"):
         torch.ops.qjl.quantize_keys.default(keys, torch.zeros(1, 1, 1, 0, dtype=torch.uint8), torch.randn(64, 64), 0)

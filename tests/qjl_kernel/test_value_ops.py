@@ -54,3 +54,38 @@ def test_value_matmul_low_precision_weights():
     weights = torch.softmax(torch.randn(1, 1, 1, 8), -1).to(torch.bfloat16)
     out = qjl_kernel.value_matmul(weights, q)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+CPU_KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_KERNEL_LAYOUTS = [(2, 32, 64), (4, 32, 64), (2, 8, 64), (4, 4, 64), (2, 64, 64), (2, 16, 80), (4, 32, 128)]
+
+
+@pytest.mark.skipif(not qjl_kernel.ops._HAS_CPU_KERNELS, reason="qjl_kernel._C has no CPU kernels (not built)")
+@pytest.mark.parametrize("dtype", CPU_KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,dim", CPU_KERNEL_LAYOUTS)
+def test_cpu_kernel_is_bit_identical_to_reference(bits, group_size, dim, dtype):
+    """The C++ CPU quantize_values (what CPU tensors run) equals quantize_values_ref bit for bit,
+    constant groups (scale 0) and half-way codes included."""
+    gen = torch.Generator().manual_seed(bits * 1000 + group_size + dim)
+    values = (torch.randn(2, 3, 41, dim, generator=gen) * 3).to(dtype)
+    values[0, 0, 0, :group_size] = 1.5  # a constant group
+    values[0, 0, 1] = torch.arange(dim) % (1 << bits)  # codes exactly on (and between) the levels
+    values[0, 0, 2] = (torch.arange(dim) % (1 << bits)).float() * 0.5
+    kernel = torch.ops.qjl.quantize_values.default(values, group_size, bits)
+    reference = qjl_kernel.reference.quantize_values_ref(values, group_size, bits)
+    assert torch.equal(kernel[0], reference.codes)
+    assert torch.equal(kernel[1], reference.scales) and kernel[1].dtype == dtype
+    assert torch.equal(kernel[2], reference.mins) and kernel[2].dtype == dtype
+    with qjl_kernel.use_backend("auto"):  # the public op takes the kernel for CPU tensors
+        public = qjl_kernel.quantize_values(values, group_size, bits)
+    assert torch.equal(public.codes, reference.codes)
+
+
+@pytest.mark.skipif(not qjl_kernel.ops._HAS_CPU_KERNELS, reason="qjl_kernel._C has no CPU kernels (not built)")
+def test_cpu_kernel_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="bits must be 2 or 4"):
+        torch.ops.qjl.quantize_values.default(torch.randn(4, 64), 32, 3)
+    with pytest.raises(RuntimeError, match="group_size"):
+        torch.ops.qjl.quantize_values.default(torch.randn(4, 64), 24, 2)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        torch.ops.qjl.quantize_values.default(torch.randn(4, 64, dtype=torch.float64), 32, 2)

@@ -5,6 +5,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
 
 namespace qjl {
 namespace cpu {
@@ -17,6 +18,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
                                 const at::Tensor& value_scales, const at::Tensor& value_mins,
                                 const at::Tensor& value_window, const c10::optional<at::Tensor>& mask,
                                 double scaling, int64_t value_bits, int64_t value_group_size);
+
+// Per-token grouped low-bit quantization of values (quantize_values_ref), bit-identical to it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cpu(const at::Tensor& values, int64_t group_size,
+                                                                   int64_t bits);
 
 // The instruction set the CPU kernels run with now: "avx512", "avx2" or "scalar".
 std::string cpu_isa();

