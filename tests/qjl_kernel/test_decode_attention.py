@@ -593,3 +593,35 @@ def test_views_along_batch_and_heads():
     got = qjl_kernel.decode_attention(query, views, projection, residual_keys, value_views, window)
     want = qjl_kernel.decode_attention(query, keys, projection, residual_keys, values, window)
     assert torch.equal(got, want)
+
+
+# The kernel keeps a group's outlier correction (u = S[:, O] q_O, v = S q - u) for the next group when
+# that group has the same outlier channels; patterns of channel sets across consecutive groups.
+OUTLIER_SET_PATTERNS = {
+    "all-same": lambda n: [[5, 9, 17, 30]] * n,
+    "same-reordered": lambda n: [[5, 9, 17, 30], [30, 17, 9, 5]] * (n // 2),
+    "alternating": lambda n: [[5, 9, 17, 30], [5, 9, 17, 31]] * (n // 2),
+    "runs": lambda n: [[1, 2, 3, 4]] * (n // 2) + [[1, 2, 3, 60]] * (n - n // 2),
+    "repeated-channel": lambda n: [[5, 5, 17, 30], [5, 17, 17, 30]] * (n // 2),
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("pattern", sorted(OUTLIER_SET_PATTERNS))
+def test_outlier_correction_reuse_across_groups(pattern):
+    """Consecutive groups with equal (or nearly equal) outlier channel sets: the kernel's reuse of
+    the correction must be exact where the sets are equal and never applied where they differ
+    (including sets with a repeated channel, which count it twice)."""
+    gen = torch.Generator().manual_seed(3)
+    groups, group, dim, m, m_o = 12, 16, 64, 128, 64
+    grouped = torch.randn(1, 2, groups, group, dim, generator=gen)
+    indices = torch.tensor(OUTLIER_SET_PATTERNS[pattern](groups), dtype=torch.uint8)
+    indices = indices.expand(1, 2, groups, 4).contiguous()
+    projection = QJLSketch(dim, m, seed=3).projection
+    keys = qjl_kernel.quantize_keys(grouped, indices, projection, m_o)
+    query = torch.randn(1, 6, 1, dim, generator=gen)
+    residual = torch.randn(1, 2, 5, dim, generator=gen)
+    window = torch.randn(1, 2, groups * group + 5, dim, generator=gen)
+    args = (query, keys, projection, residual, None, window)
+    out, ref = run_both(args)
+    assert_kernel_close(out, ref)

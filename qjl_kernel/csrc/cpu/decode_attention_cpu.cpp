@@ -36,6 +36,7 @@ namespace {
 
 constexpr int64_t kMaxSpan = 4096;   // tokens per task: logits of one task stay in L2
 constexpr int64_t kMinSpan = 256;    // fewest tokens worth a task of its own
+constexpr int64_t kMinParallelWork = 1 << 15;  // token x KV head x query-row count worth the thread pool
 
 // True when dims [first, dim) of t are dense (sizes of 1 may have any stride; empty tensors are).
 bool inner_dense(const at::Tensor& t, int64_t first) {
@@ -309,7 +310,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
   std::vector<float> row_max(tasks * rows), row_sum(tasks * rows), row_acc(tasks * rows * d);
   const DecodeTaskFn task = task_for(choose_isa());
   const int64_t workspace = decode_workspace_floats(a, span);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // Small steps run on the calling thread: waking the pool costs more than they take.
+  const int64_t grain = T * heads * rows < kMinParallelWork ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(workspace);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t chunk = i % chunks, bh = i / chunks;
@@ -321,8 +324,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
 
   // Merge the chunks of each (batch, KV head) by log-sum-exp.
   float* out = output.data_ptr<float>();  // [B, H_kv, rows, d]: rows of a KV head are its query heads x L
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
+  {  // (a few microseconds: no parallel region)
+    for (int64_t bh = 0; bh < heads; ++bh) {
       for (int64_t r = 0; r < rows; ++r) {
         float mx = -std::numeric_limits<float>::max();
         for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, row_max[(bh * chunks + c) * rows + r]);
@@ -340,7 +343,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
         for (int64_t k = 0; k < d; ++k) o[k] *= inv;
       }
     }
-  });
+  }
   return output;
 }
 

@@ -135,15 +135,11 @@ inline __m128 reduce4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
 
 constexpr int kTokenBlock = 4;  // keys scored together: independent add chains, shared query loads
 
-// For NR rows and kTokenBlock consecutive keys (bit strings `stride` bytes apart):
-// out[r * kTokenBlock + j] = w[j] * sum(v[r][i] : bit i of key j set).
+// Accumulate, for NR rows and kTokenBlock keys, the masked sums of one bit string into acc.
 template <int NR>
-inline void masked_sums_block(const float* const* v, const uint8_t* bits, int64_t stride, int64_t m, const float* w,
-                              float* out) {
+inline void masked_pass(const float* const* v, const uint8_t* bits, int64_t stride, int64_t m,
+                        __m512 (&acc)[NR][kTokenBlock]) {
   const __m512 one = _mm512_set1_ps(1.f);
-  __m512 acc[NR][kTokenBlock];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < kTokenBlock; ++j) acc[r][j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= m; i += 16) {
     __mmask16 k[kTokenBlock];  // loaded straight into mask registers (kmovw from memory)
@@ -167,7 +163,39 @@ inline void masked_sums_block(const float* const* v, const uint8_t* bits, int64_
       }
     }
   }
-  const __m128 scale = _mm_loadu_ps(w);
+}
+
+// For NR rows and kTokenBlock keys: out[r * kTokenBlock + j] = wa[j] * S_in + wb[j] * S_out, the
+// weighted sums of v[r] over the inlier bits and of u[r] over the outlier bits (m_o may be 0).
+// The inlier pass's vectors wait in memory, scaled, while the outlier pass runs, so each pass
+// holds only NR x kTokenBlock accumulators; one reduction per row and key.
+template <int NR>
+inline void weighted_sums_block(const float* const* v, const uint8_t* bits, int64_t stride, int64_t m, const float* wa,
+                                const float* const* u, const uint8_t* obits, int64_t ostride, int64_t m_o,
+                                const float* wb, float* out) {
+  __m512 acc[NR][kTokenBlock];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < kTokenBlock; ++j) acc[r][j] = _mm512_setzero_ps();
+  masked_pass<NR>(v, bits, stride, m, acc);
+  if (m_o > 0) {
+    alignas(64) float partial[NR][kTokenBlock][16];
+    for (int r = 0; r < NR; ++r) {
+      for (int j = 0; j < kTokenBlock; ++j) {
+        _mm512_store_ps(partial[r][j], _mm512_mul_ps(acc[r][j], _mm512_set1_ps(wa[j])));
+        acc[r][j] = _mm512_setzero_ps();
+      }
+    }
+    asm volatile("" ::: "memory");  // keep the partial sums in memory during the second pass
+    masked_pass<NR>(u, obits, ostride, m_o, acc);
+    for (int r = 0; r < NR; ++r) {
+      for (int j = 0; j < kTokenBlock; ++j) {
+        acc[r][j] = _mm512_fmadd_ps(acc[r][j], _mm512_set1_ps(wb[j]), _mm512_load_ps(partial[r][j]));
+      }
+      _mm_storeu_ps(out + r * kTokenBlock, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    }
+    return;
+  }
+  const __m128 scale = _mm_loadu_ps(wa);
   for (int r = 0; r < NR; ++r) {
     _mm_storeu_ps(out + r * kTokenBlock, _mm_mul_ps(scale, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
   }
@@ -361,20 +389,23 @@ inline void weighted_masked_sums_rows(const float* const* v, const float* const*
 }
 
 #if QJL_ISA_LEVEL == 2
-// masked_sums_block over any number of rows, in blocks of up to 4 rows.
-inline void masked_sums_block_rows(const float* const* v, int64_t rows, const uint8_t* bits, int64_t stride,
-                                   int64_t m, const float* w, float* out) {
+// weighted_sums_block over any number of rows, in blocks of up to 4 rows.
+inline void weighted_sums_block_rows(const float* const* v, const float* const* u, int64_t rows, const uint8_t* bits,
+                                     int64_t stride, int64_t m, const float* wa, const uint8_t* obits,
+                                     int64_t ostride, int64_t m_o, const float* wb, float* out) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) masked_sums_block<4>(v + r, bits, stride, m, w, out + r * kTokenBlock);
+  for (; r + 4 <= rows; r += 4) {
+    weighted_sums_block<4>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+  }
   switch (rows - r) {
     case 3:
-      masked_sums_block<3>(v + r, bits, stride, m, w, out + r * kTokenBlock);
+      weighted_sums_block<3>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
       break;
     case 2:
-      masked_sums_block<2>(v + r, bits, stride, m, w, out + r * kTokenBlock);
+      weighted_sums_block<2>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
       break;
     case 1:
-      masked_sums_block<1>(v + r, bits, stride, m, w, out + r * kTokenBlock);
+      weighted_sums_block<1>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
       break;
     default:
       break;
@@ -466,10 +497,24 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsOnStack) {
     const int64_t nr = rows - r0 < kMaxRowsOnStack ? rows - r0 : kMaxRowsOnStack;
     int64_t t = t0;
+    uint64_t previous[4] = {~0ull, ~0ull, ~0ull, ~0ull};  // channel set of the last group's u and v
     while (t < t1) {
       const int64_t n = t / a.group, group_end = (n + 1) * a.group < t1 ? (n + 1) * a.group : t1;
-      // v = S q_in = S q - S[:, O] q_O and u = S[:, O] q_O for this group's outlier channels O.
-      for (int64_t r = 0; r < nr; ++r) {
+      // v = S q_in = S q - S[:, O] q_O and u = S[:, O] q_O for this group's outlier channels O;
+      // kept when the group has the previous group's channels (real keys' outlier channels persist).
+      bool same_channels = false;
+      if (outliers) {
+        uint64_t set[4] = {0, 0, 0, 0};
+        const uint8_t* idx = indices + n * a.n_out;
+        for (int64_t o = 0; o < a.n_out; ++o) set[idx[o] >> 6] |= 1ull << (idx[o] & 63);
+        const bool distinct = __builtin_popcountll(set[0]) + __builtin_popcountll(set[1]) +
+                                  __builtin_popcountll(set[2]) + __builtin_popcountll(set[3]) ==
+                              a.n_out;  // a repeated channel counts twice in u: never reuse then
+        same_channels = distinct && set[0] == previous[0] && set[1] == previous[1] && set[2] == previous[2] &&
+                        set[3] == previous[3];
+        for (int i = 0; i < 4; ++i) previous[i] = distinct ? set[i] : ~0ull;
+      }
+      for (int64_t r = 0; r < nr && !same_channels; ++r) {
         const float* qr = q + (r0 + r) * d;
         const float* sqr = sq + (r0 + r) * m;
         if (!outliers) {
@@ -496,19 +541,20 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
       // S_in / S_out the sums of v / u over the key's set bits.
 #if QJL_ISA_LEVEL == 2
       for (; t + kTokenBlock <= group_end; t += kTokenBlock) {
-        float wa[kTokenBlock], wb[kTokenBlock], in[kMaxRowsOnStack * kTokenBlock], out[kMaxRowsOnStack * kTokenBlock];
+        alignas(16) float wa[kTokenBlock], wb[kTokenBlock];
+        float sums4[kMaxRowsOnStack * kTokenBlock];
         for (int j = 0; j < kTokenBlock; ++j) {
           wa[j] = a.inlier_scale * n_in[t + j];
           wb[j] = outlier_term ? a.outlier_scale * n_out[t + j] : 0.f;
         }
-        masked_sums_block_rows(v_rows, nr, bits + t * bytes, bytes, m, wa, in);
-        if (outlier_term) masked_sums_block_rows(u_rows, nr, obits + t * obytes, obytes, m_o, wb, out);
+        weighted_sums_block_rows(v_rows, u_rows, nr, bits + t * bytes, bytes, m, wa, obits + t * obytes, obytes,
+                                 outlier_term ? m_o : 0, wb, sums4);
+        const __m128 wa4 = _mm_load_ps(wa), wb4 = _mm_load_ps(wb), two = _mm_set1_ps(2.f);
         for (int64_t r = 0; r < nr; ++r) {
-          for (int j = 0; j < kTokenBlock; ++j) {
-            float score = 2.f * in[r * kTokenBlock + j] - wa[j] * v_total[r];
-            if (outlier_term) score += 2.f * out[r * kTokenBlock + j] - wb[j] * u_total[r];
-            logits[(r0 + r) * span + (t + j - base)] = score;
-          }
+          const __m128 offset = _mm_add_ps(_mm_mul_ps(wa4, _mm_set1_ps(v_total[r])),
+                                           outlier_term ? _mm_mul_ps(wb4, _mm_set1_ps(u_total[r])) : _mm_setzero_ps());
+          const __m128 score = _mm_sub_ps(_mm_mul_ps(two, _mm_loadu_ps(sums4 + r * kTokenBlock)), offset);
+          _mm_storeu_ps(logits + (r0 + r) * span + (t - base), score);
         }
       }
 #endif
