@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 import qjl_kernel  # noqa: E402
 from models.pretrained import SMOLLM2, SMOLLM2_NAME, load_causal_lm  # noqa: E402
+from real_text import stdlib_text  # noqa: E402
 
 OP_SHAPES = {"smollm2 (9/3, d=64)": (9, 3, 64), "llama (32/8, d=128)": (32, 8, 128)}
 LAYER_KINDS = {"general": 20, "initial": 0}  # a layer index past / within the initial layers
@@ -126,19 +126,6 @@ def bench_ops(token_counts, repeats):
                 print(f"{shape_name:20} {row['layer']:26} {tokens:6d} {row['exact_ms']:9.2f} {row['qjl_ms']:9.2f} "
                       f"{ref} {row['ratio']:6.2f}", flush=True)
     return rows
-
-
-def stdlib_text(min_chars: int) -> str:
-    """Real text on every machine: the interpreter's standard-library sources, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, size = [], 0
-    for path in sorted(root.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        size += len(text)
-        if size >= min_chars:
-            break
-    return "\n".join(parts)
 
 
 @torch.no_grad()
