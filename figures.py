@@ -92,10 +92,17 @@ def plot_panels(path: str | Path, x: list[float], panels: list[tuple[str, dict[s
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the directory) and close a matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

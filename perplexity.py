@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import models
 from models.accounting import FP16_BITS, qjl_bit_report
+from figures import save_figure
 from models.config import QJLConfig
 from real_text import stdlib_text
 
@@ -416,12 +417,7 @@ def plot(data: dict, path: str | Path) -> Path:
                  f"first {settings['prompt']} as prompt, chunks of {settings['chunk']})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

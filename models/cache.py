@@ -189,8 +189,8 @@ class CompressedLayer(CacheLayerMixin):
         length, total = query.shape[2], keys.seq_len
         if ((start + length - 1) // keys.buffer_size) * keys.buffer_size > keys.num_committed:
             return None  # a row past a boundary sees residual keys compressed
-        if values.bits != 16 and length - 1 + values.num_window - length - values.buffer_size > 0:
-            return None  # a row past the first sees window values quantized
+        if values.bits != 16 and values.num_window - 1 > values.buffer_size:
+            return None  # a row past the first sees the oldest window values quantized
         mask = _step_mask(attention_mask, total)
         if mask is False:
             return None

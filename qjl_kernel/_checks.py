@@ -102,6 +102,16 @@ def quantized_keys(keys) -> None:
         raise ValueError(f"keys.outlier_indices must be [B, H_kv, n_groups, n_out] with {tuple(lead[:3])}")
 
 
+def quantized_values(values) -> None:
+    """A :class:`QuantizedValues` of ``[B, H_kv, T, d]``: types, bits and ranks."""
+    if not isinstance(values, QuantizedValues):
+        raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
+    value_bits(values.bits)
+    tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
+    floating("values.scales", values.scales, rank=4)
+    floating("values.mins", values.mins, rank=4)
+
+
 def key_scores_args(query, keys, proj) -> None:
     floating("query", query, rank=(3, 4))
     quantized_keys(keys)
@@ -133,12 +143,7 @@ def quantize_values_args(values, group_size, bits) -> None:
 
 def value_matmul_args(weights, values) -> None:
     floating("weights", weights, rank=4)
-    if not isinstance(values, QuantizedValues):
-        raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
-    value_bits(values.bits)
-    tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
-    floating("values.scales", values.scales, rank=4)
-    floating("values.mins", values.mins, rank=4)
+    quantized_values(values)
     same_device(weights=weights, codes=values.codes)
     batch, kv_heads, tokens = values.codes.shape[:3]
     groups = values.head_dim // values.group_size if values.group_size > 0 else -1
@@ -180,12 +185,7 @@ def decode_attention_args(query, keys, proj, residual_keys, values, value_window
         committed = keys.num_tokens
     quantized = 0
     if values is not None:
-        if not isinstance(values, QuantizedValues):
-            raise TypeError(f"values must be a QuantizedValues or None, got {type(values).__name__}")
-        value_bits(values.bits)
-        tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
-        floating("values.scales", values.scales, rank=4)
-        floating("values.mins", values.mins, rank=4)
+        quantized_values(values)
         same_device(query=query, codes=values.codes)
         if tuple(values.codes.shape[:2]) != (batch, kv_heads) or values.head_dim != dim:
             raise ValueError(

@@ -183,6 +183,17 @@ def backend_for(*tensors: torch.Tensor) -> str:
 set_backend(os.environ.get("QJL_BACKEND", "auto"))
 
 
+def _cpu_kernels_run(*tensors: torch.Tensor, floats=()) -> bool:
+    """Whether the C++ CPU kernels take these tensors: the extension has them, no backend is
+    forced, every tensor is on the CPU and the float ones are float16 / bfloat16 / float32."""
+    return (
+        _forced_backend == "auto"
+        and _HAS_CPU_KERNELS
+        and all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype in _KERNEL_FLOATS for t in floats)
+    )
+
+
 def _kernels(*tensors: torch.Tensor, floats: tuple[torch.Tensor, ...] = ()):
     """The kernel namespace (``torch.ops.qjl`` style: ``.quantize_keys(...)`` etc.) for these
     tensors, or None for the reference."""
@@ -278,7 +289,7 @@ def quantize_values(values: torch.Tensor, group_size: int, bits: int) -> Quantiz
     """Quantize values ``[..., T, d]`` per token in groups of ``group_size`` channels to
     ``bits`` (2 or 4) bits. See :func:`reference.quantize_values_ref`."""
     _checks.quantize_values_args(values, group_size, bits)
-    if _forced_backend == "auto" and _HAS_CPU_KERNELS and values.device.type == "cpu" and values.dtype in _KERNEL_FLOATS:
+    if _cpu_kernels_run(values, floats=(values,)):
         # The C++ CPU kernel, bit-identical to the reference (csrc/cpu/quantize_values_cpu.cpp).
         codes, scales, mins = _OPS.quantize_values.default(values, group_size, bits)
         return QuantizedValues(codes, scales, mins, bits, group_size)
@@ -386,13 +397,7 @@ def decode_attention_unchecked(query, keys, projection, residual_keys, values, v
     floats = [query, residual_keys, value_window]
     floats += [] if keys is None else [keys.inlier_norms, keys.outlier_norms]
     floats += [] if values is None else [values.scales, values.mins]
-    use_cpu_kernel = (
-        _forced_backend == "auto"
-        and _HAS_CPU_KERNELS
-        and all(t.device.type == "cpu" for t in tensors)
-        and all(t.dtype in _KERNEL_FLOATS for t in floats)
-    )
-    if not use_cpu_kernel:
+    if not _cpu_kernels_run(*tensors, floats=floats):
         return reference.decode_attention_ref(
             query, keys, projection, residual_keys, values, value_window, mask, float(scaling),
             key_scores_fn=key_scores, value_matmul_fn=value_matmul,
@@ -402,7 +407,7 @@ def decode_attention_unchecked(query, keys, projection, residual_keys, values, v
         key_parts = _empty_keys(query, kv_heads)
         projection = torch.empty(0, query.shape[-1], device=query.device)
     else:
-        key_parts = (keys.bits, keys.outlier_bits, keys.inlier_norms, keys.outlier_norms, keys.outlier_indices)
+        key_parts = tuple(keys)  # bits, outlier_bits, inlier_norms, outlier_norms, outlier_indices
     if values is None:
         value_parts, value_bits, group_size = _empty_values(value_window), 2, 1
     else:

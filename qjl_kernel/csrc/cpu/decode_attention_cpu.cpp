@@ -116,6 +116,11 @@ DecodeTaskFn task_for(Isa isa) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+template <typename T>
+HeadStrided<T> head_strided(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
 }  // namespace
 
 std::string cpu_isa() { return isa_name(choose_isa()); }
@@ -258,21 +263,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
     a.m = m;
     a.m_o = m_o;
     a.n_out = n_out;
-    a.bits = bits.data_ptr<uint8_t>();
-    a.bits_sb = bits.stride(0);
-    a.bits_sh = bits.stride(1);
-    a.outlier_bits = outlier_bits.data_ptr<uint8_t>();
-    a.obits_sb = outlier_bits.stride(0);
-    a.obits_sh = outlier_bits.stride(1);
-    a.inlier_norms = norms_in.data_ptr<float>();
-    a.in_sb = norms_in.stride(0);
-    a.in_sh = norms_in.stride(1);
-    a.outlier_norms = norms_out.data_ptr<float>();
-    a.on_sb = norms_out.stride(0);
-    a.on_sh = norms_out.stride(1);
-    a.outlier_indices = outlier_indices.data_ptr<uint8_t>();
-    a.idx_sb = outlier_indices.stride(0);
-    a.idx_sh = outlier_indices.stride(1);
+    a.bits = head_strided<uint8_t>(bits);
+    a.outlier_bits = head_strided<uint8_t>(outlier_bits);
+    a.inlier_norms = head_strided<float>(norms_in);
+    a.outlier_norms = head_strided<float>(norms_out);
+    a.outlier_indices = head_strided<uint8_t>(outlier_indices);
     a.inlier_scale = static_cast<float>(std::sqrt(M_PI / 2.0) / static_cast<double>(m));
     a.outlier_scale = m_o > 0 ? static_cast<float>(std::sqrt(M_PI / 2.0) / static_cast<double>(m_o)) : 0.f;
   }
@@ -282,15 +277,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
   a.value_group = value_group_size;
   if (T_q > 0) {
     a.words = d / per_word;
-    a.codes = value_codes.data_ptr<int32_t>();
-    a.codes_sb = value_codes.stride(0);
-    a.codes_sh = value_codes.stride(1);
-    a.scales = scales.data_ptr<float>();
-    a.scales_sb = scales.stride(0);
-    a.scales_sh = scales.stride(1);
-    a.mins = mins.data_ptr<float>();
-    a.mins_sb = mins.stride(0);
-    a.mins_sh = mins.stride(1);
+    a.codes = head_strided<int32_t>(value_codes);
+    a.scales = head_strided<float>(scales);
+    a.mins = head_strided<float>(mins);
   }
   a.window = window.data_ptr<float>();
   a.mask = mask_u8.defined() ? static_cast<const uint8_t*>(mask_u8.data_ptr()) : nullptr;  // bool is one byte, 0 or 1

@@ -11,6 +11,14 @@
 namespace qjl {
 namespace cpu {
 
+// A tensor whose dims after batch and KV head are dense, read through its batch and head strides.
+// (Data only: functions on it live in the ISA files with internal linkage, see above.)
+template <typename T>
+struct HeadStrided {
+  const T* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0;
+};
+
 // What every task reads. float pointers are float32; strides are in elements of the pointee.
 // "rows" are the query rows of one KV head: row j * L + l is query head h * ratio + j, position l.
 struct DecodeArgs {
@@ -28,16 +36,8 @@ struct DecodeArgs {
   // Committed QJL keys: the oldest `committed` tokens, in groups of `group`. Token-major inner
   // layout (n, g, byte) dense; batch and head through strides.
   int64_t committed = 0, group = 1, m = 0, m_o = 0, n_out = 0;
-  const uint8_t* bits = nullptr;
-  int64_t bits_sb = 0, bits_sh = 0;
-  const uint8_t* outlier_bits = nullptr;
-  int64_t obits_sb = 0, obits_sh = 0;
-  const float* inlier_norms = nullptr;
-  int64_t in_sb = 0, in_sh = 0;
-  const float* outlier_norms = nullptr;
-  int64_t on_sb = 0, on_sh = 0;
-  const uint8_t* outlier_indices = nullptr;
-  int64_t idx_sb = 0, idx_sh = 0;
+  HeadStrided<uint8_t> bits, outlier_bits, outlier_indices;
+  HeadStrided<float> inlier_norms, outlier_norms;
   float inlier_scale = 0.f, outlier_scale = 0.f;  // sqrt(pi/2) / m, sqrt(pi/2) / m_o
 
   // Exact residual keys [B, H_kv, tokens - committed, d], contiguous.
@@ -46,12 +46,8 @@ struct DecodeArgs {
   // Quantized values: the oldest `quantized` tokens; codes [.., T_q, words] int32, scales and
   // mins [.., T_q, d / value_group]; then the exact window [B, H_kv, tokens - quantized, d].
   int64_t quantized = 0, value_bits = 2, value_group = 1, words = 0;
-  const int32_t* codes = nullptr;
-  int64_t codes_sb = 0, codes_sh = 0;
-  const float* scales = nullptr;
-  int64_t scales_sb = 0, scales_sh = 0;
-  const float* mins = nullptr;
-  int64_t mins_sb = 0, mins_sh = 0;
+  HeadStrided<int32_t> codes;
+  HeadStrided<float> scales, mins;
   const float* window = nullptr;
 
   // uint8 [B, L, tokens] (1 = attend) or null for the causal rule (row l sees t <= T - L + l).

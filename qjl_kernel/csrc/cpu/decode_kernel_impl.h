@@ -31,6 +31,12 @@ constexpr float kLowest = -3.40282346638528859811704183484516925e+38f;  // -FLT_
 constexpr int kLanes = 16;                                               // partial sums of dot()
 constexpr int64_t kValueBlock = 32;  // tokens whose values are dequantized together
 
+// Where batch b, KV head h's part of a HeadStrided tensor starts.
+template <typename T>
+inline const T* head_part(const HeadStrided<T>& x, int64_t b, int64_t h) {
+  return x.data + b * x.batch_stride + h * x.head_stride;
+}
+
 inline int32_t float_bits(float x) {
   int32_t i;
   std::memcpy(&i, &x, 4);
@@ -368,50 +374,32 @@ inline void accumulate_rows(const float* p, int64_t n, const float* const* value
 }
 #endif
 
-// weighted_masked_sums over any number of rows, in blocks of up to 4 rows.
-inline void weighted_masked_sums_rows(const float* const* v, const float* const* u, int64_t rows, const uint8_t* bits,
-                                      int64_t m, float wa, const uint8_t* obits, int64_t m_o, float wb, float* out) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) weighted_masked_sums<4>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
-  switch (rows - r) {
-    case 3:
-      weighted_masked_sums<3>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
-      break;
-    case 2:
-      weighted_masked_sums<2>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
-      break;
-    case 1:
-      weighted_masked_sums<1>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
-      break;
-    default:
-      break;
-  }
-}
+// Row counts as types, for the per-row-count template kernels.
+template <int N>
+struct RowCount {
+  static constexpr int value = N;
+};
 
-#if QJL_ISA_LEVEL == 2
-// weighted_sums_block over any number of rows, in blocks of up to 4 rows.
-inline void weighted_sums_block_rows(const float* const* v, const float* const* u, int64_t rows, const uint8_t* bits,
-                                     int64_t stride, int64_t m, const float* wa, const uint8_t* obits,
-                                     int64_t ostride, int64_t m_o, const float* wb, float* out) {
+// Calls op(RowCount<NR>{}, r) over blocks [r, r + NR) of up to 4 rows covering [0, rows): the
+// kernels keep NR rows' accumulators in registers.
+template <typename Op>
+inline void for_row_blocks(int64_t rows, Op&& op) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    weighted_sums_block<4>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
-  }
+  for (; r + 4 <= rows; r += 4) op(RowCount<4>{}, r);
   switch (rows - r) {
     case 3:
-      weighted_sums_block<3>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      op(RowCount<3>{}, r);
       break;
     case 2:
-      weighted_sums_block<2>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      op(RowCount<2>{}, r);
       break;
     case 1:
-      weighted_sums_block<1>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      op(RowCount<1>{}, r);
       break;
     default:
       break;
   }
 }
-#endif
 
 // u = S[:, O] q_O = sum_o q[c_o] S^T[c_o] (the outlier columns of S times the query's outlier
 // channels) and v = S q - u, for one query row; m entries.
@@ -480,11 +468,11 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
   const float* q = a.query + bh * rows * d;
   const float* sq = a.query_sketch + bh * rows * m;
   const float* sq_sums = a.sketch_sums + bh * rows;
-  const uint8_t* bits = a.bits + b * a.bits_sb + h * a.bits_sh;
-  const uint8_t* obits = a.outlier_bits + b * a.obits_sb + h * a.obits_sh;
-  const float* n_in = a.inlier_norms + b * a.in_sb + h * a.in_sh;
-  const float* n_out = a.outlier_norms + b * a.on_sb + h * a.on_sh;
-  const uint8_t* indices = a.outlier_indices + b * a.idx_sb + h * a.idx_sh;
+  const uint8_t* bits = head_part(a.bits, b, h);
+  const uint8_t* obits = head_part(a.outlier_bits, b, h);
+  const float* n_in = head_part(a.inlier_norms, b, h);
+  const float* n_out = head_part(a.outlier_norms, b, h);
+  const uint8_t* indices = head_part(a.outlier_indices, b, h);
   const bool outliers = a.n_out > 0;
   const bool outlier_term = outliers && m_o > 0;
   const int64_t bytes = m / 8, obytes = m_o / 8;
@@ -547,8 +535,11 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
           wa[j] = a.inlier_scale * n_in[t + j];
           wb[j] = outlier_term ? a.outlier_scale * n_out[t + j] : 0.f;
         }
-        weighted_sums_block_rows(v_rows, u_rows, nr, bits + t * bytes, bytes, m, wa, obits + t * obytes, obytes,
-                                 outlier_term ? m_o : 0, wb, sums4);
+        const int64_t mo = outlier_term ? m_o : 0;
+        for_row_blocks(nr, [&](auto rows_tag, int64_t r) {
+          weighted_sums_block<decltype(rows_tag)::value>(v_rows + r, bits + t * bytes, bytes, m, wa, u_rows + r,
+                                                         obits + t * obytes, obytes, mo, wb, sums4 + r * kTokenBlock);
+        });
         const __m128 wa4 = _mm_load_ps(wa), wb4 = _mm_load_ps(wb), two = _mm_set1_ps(2.f);
         for (int64_t r = 0; r < nr; ++r) {
           const __m128 offset = _mm_add_ps(_mm_mul_ps(wa4, _mm_set1_ps(v_total[r])),
@@ -561,8 +552,11 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
       for (; t < group_end; ++t) {
         const float wa = a.inlier_scale * n_in[t];
         const float wb = outlier_term ? a.outlier_scale * n_out[t] : 0.f;
-        weighted_masked_sums_rows(v_rows, u_rows, nr, bits + t * bytes, m, wa, obits + t * obytes,
-                                  outlier_term ? m_o : 0, wb, sums);
+        const int64_t mo = outlier_term ? m_o : 0;
+        for_row_blocks(nr, [&](auto rows_tag, int64_t r) {
+          weighted_masked_sums<decltype(rows_tag)::value>(v_rows + r, bits + t * bytes, m, wa, u_rows + r,
+                                                          obits + t * obytes, mo, wb, sums + r);
+        });
         for (int64_t r = 0; r < nr; ++r) {
           const float offset = wa * v_total[r] + (outlier_term ? wb * u_total[r] : 0.f);
           logits[(r0 + r) * span + (t - base)] = 2.f * sums[r] - offset;
@@ -601,9 +595,9 @@ template <int BITS>
 inline void accumulate_values(const DecodeArgs& a, int64_t b, int64_t h, int64_t t0, int64_t t1, int64_t span,
                               const float* probs, float* acc, float* deq) {
   const int64_t rows = a.rows, d = a.dim, bh = b * a.kv_heads + h;
-  const int32_t* codes = a.codes + b * a.codes_sb + h * a.codes_sh;
-  const float* scales = a.scales + b * a.scales_sb + h * a.scales_sh;
-  const float* mins = a.mins + b * a.mins_sb + h * a.mins_sh;
+  const int32_t* codes = head_part(a.codes, b, h);
+  const float* scales = head_part(a.scales, b, h);
+  const float* mins = head_part(a.mins, b, h);
   const int64_t groups = d / a.value_group, window_len = a.tokens - a.quantized;
   const float* window = a.window + bh * window_len * d;
   const float* value[kValueBlock];
