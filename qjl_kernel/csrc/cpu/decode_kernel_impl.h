@@ -374,32 +374,50 @@ inline void accumulate_rows(const float* p, int64_t n, const float* const* value
 }
 #endif
 
-// Row counts as types, for the per-row-count template kernels.
-template <int N>
-struct RowCount {
-  static constexpr int value = N;
-};
-
-// Calls op(RowCount<NR>{}, r) over blocks [r, r + NR) of up to 4 rows covering [0, rows): the
-// kernels keep NR rows' accumulators in registers.
-template <typename Op>
-inline void for_row_blocks(int64_t rows, Op&& op) {
+// weighted_masked_sums over any number of rows, in blocks of up to 4 rows.
+inline void weighted_masked_sums_rows(const float* const* v, const float* const* u, int64_t rows, const uint8_t* bits,
+                                      int64_t m, float wa, const uint8_t* obits, int64_t m_o, float wb, float* out) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) op(RowCount<4>{}, r);
+  for (; r + 4 <= rows; r += 4) weighted_masked_sums<4>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
   switch (rows - r) {
     case 3:
-      op(RowCount<3>{}, r);
+      weighted_masked_sums<3>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
       break;
     case 2:
-      op(RowCount<2>{}, r);
+      weighted_masked_sums<2>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
       break;
     case 1:
-      op(RowCount<1>{}, r);
+      weighted_masked_sums<1>(v + r, bits, m, wa, u + r, obits, m_o, wb, out + r);
       break;
     default:
       break;
   }
 }
+
+#if QJL_ISA_LEVEL == 2
+// weighted_sums_block over any number of rows, in blocks of up to 4 rows.
+inline void weighted_sums_block_rows(const float* const* v, const float* const* u, int64_t rows, const uint8_t* bits,
+                                     int64_t stride, int64_t m, const float* wa, const uint8_t* obits,
+                                     int64_t ostride, int64_t m_o, const float* wb, float* out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    weighted_sums_block<4>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+  }
+  switch (rows - r) {
+    case 3:
+      weighted_sums_block<3>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      break;
+    case 2:
+      weighted_sums_block<2>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      break;
+    case 1:
+      weighted_sums_block<1>(v + r, bits, stride, m, wa, u + r, obits, ostride, m_o, wb, out + r * kTokenBlock);
+      break;
+    default:
+      break;
+  }
+}
+#endif
 
 // u = S[:, O] q_O = sum_o q[c_o] S^T[c_o] (the outlier columns of S times the query's outlier
 // channels) and v = S q - u, for one query row; m entries.
@@ -535,11 +553,8 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
           wa[j] = a.inlier_scale * n_in[t + j];
           wb[j] = outlier_term ? a.outlier_scale * n_out[t + j] : 0.f;
         }
-        const int64_t mo = outlier_term ? m_o : 0;
-        for_row_blocks(nr, [&](auto rows_tag, int64_t r) {
-          weighted_sums_block<decltype(rows_tag)::value>(v_rows + r, bits + t * bytes, bytes, m, wa, u_rows + r,
-                                                         obits + t * obytes, obytes, mo, wb, sums4 + r * kTokenBlock);
-        });
+        weighted_sums_block_rows(v_rows, u_rows, nr, bits + t * bytes, bytes, m, wa, obits + t * obytes, obytes,
+                                 outlier_term ? m_o : 0, wb, sums4);
         const __m128 wa4 = _mm_load_ps(wa), wb4 = _mm_load_ps(wb), two = _mm_set1_ps(2.f);
         for (int64_t r = 0; r < nr; ++r) {
           const __m128 offset = _mm_add_ps(_mm_mul_ps(wa4, _mm_set1_ps(v_total[r])),
@@ -552,11 +567,8 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
       for (; t < group_end; ++t) {
         const float wa = a.inlier_scale * n_in[t];
         const float wb = outlier_term ? a.outlier_scale * n_out[t] : 0.f;
-        const int64_t mo = outlier_term ? m_o : 0;
-        for_row_blocks(nr, [&](auto rows_tag, int64_t r) {
-          weighted_masked_sums<decltype(rows_tag)::value>(v_rows + r, bits + t * bytes, m, wa, u_rows + r,
-                                                          obits + t * obytes, mo, wb, sums + r);
-        });
+        weighted_masked_sums_rows(v_rows, u_rows, nr, bits + t * bytes, m, wa, obits + t * obytes,
+                                  outlier_term ? m_o : 0, wb, sums);
         for (int64_t r = 0; r < nr; ++r) {
           const float offset = wa * v_total[r] + (outlier_term ? wb * u_total[r] : 0.f);
           logits[(r0 + r) * span + (t - base)] = 2.f * sums[r] - offset;
