@@ -1,4 +1,4 @@
-"""LongBench's scoring metrics, with LongBench's names and behaviour.
+"""LongBench's scoring metrics, with LongBench's names and behaviour (and RULER's string match).
 
 Each metric takes ``(prediction, ground_truth, **kwargs)`` and returns a float in [0, 1]; the
 caller takes the max over a question's reference answers (see ``longbench_eval.scoring``).
@@ -140,6 +140,12 @@ def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:
             first_code_line = line
             break
     return fuzz.ratio(first_code_line, ground_truth) / 100
+
+
+def string_match(prediction: str, ground_truth: str, **kwargs) -> float:
+    """RULER's ``string_match_all`` for one reference (the needle tasks of ``stdlib_tasks.py``):
+    1 when the answer occurs in the prediction, case-insensitively."""
+    return float(ground_truth.lower() in prediction.lower())
 
 
 Metric = Callable[..., float]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import models  # registers the "qjl" attention function
 from models import MemoryReport, QJLConfig
+from models.pretrained import SMOLLM2, load_causal_lm
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -20,7 +21,11 @@ def attention_implementation() -> str:
 
 def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None, device_map: str | None = None):
     """``device_map`` (e.g. ``auto``) spreads layers over the visible GPUs through accelerate;
-    otherwise the whole model goes to ``device``."""
+    otherwise the whole model goes to ``device``. ``path`` ``"smollm2"`` is the offline
+    SmolLM2-135M-Instruct (:mod:`models.pretrained`)."""
+    if path == SMOLLM2:
+        model, tokenizer = load_causal_lm(SMOLLM2, DTYPES[dtype], attention_implementation())
+        return (model if device_map else model.to(device)), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": attention_implementation()}
     if device_map:
@@ -52,6 +57,20 @@ class Generation:
     memory: MemoryReport
 
 
+def _greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, min_new_tokens: int, stop_ids: list[int]):
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[0],
+        **models.cache_kwargs(model, cache),
+    )
+
+
 def generate(
     model,
     tokenizer,
@@ -66,16 +85,39 @@ def generate(
     returned memory report is measured on the cache after the last step."""
     ids = torch.tensor([input_ids], dtype=torch.long, device=input_device(model))
     cache = models.make_cache(method, model.config, qjl_config)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0],
-        **models.cache_kwargs(model, cache),
-    )
+    out = _greedy(model, ids, cache, max_new_tokens, min_new_tokens, stop_ids)
     new = out[0, ids.shape[1] :]
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), models.memory_report(cache))
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """A prompt's exact prefill, shared by every method: the prompt with its first generated
+    token appended (``[1, n + 1]``) and the prompt's keys and values."""
+
+    ids: torch.Tensor
+    cache: DynamicCache
+    stopped: bool  # the first token is a stop token
+
+
+def prefill(model, input_ids: list[int], stop_ids: list[int], min_new_tokens: int = 0) -> Prefill:
+    """Run the prompt once with exact attention and pick the first token as :func:`generate` would."""
+    ids = torch.tensor([input_ids], dtype=torch.long, device=input_device(model))
+    cache = DynamicCache(config=model.config)
+    out = _greedy(model, ids, cache, 1, min(min_new_tokens, 1), stop_ids)
+    return Prefill(out, cache, int(out[0, -1]) in stop_ids)
+
+
+def generate_after_prefill(
+    model, tokenizer, shared: Prefill, method: str, qjl_config: QJLConfig | None, max_new_tokens: int,
+    stop_ids: list[int], min_new_tokens: int = 0,
+) -> Generation:  # fmt: skip
+    """:func:`generate` for a prompt already prefilled by :func:`prefill`: the same tokens, without
+    running the prompt again (the prompt step is exact attention for every method)."""
+    cache = models.prefilled_cache(method, model.config, qjl_config, shared.cache)
+    prompt_length = shared.ids.shape[1] - 1
+    out = shared.ids
+    if not shared.stopped and max_new_tokens > 1:
+        out = _greedy(model, shared.ids, cache, max_new_tokens - 1, max(min_new_tokens - 1, 0), stop_ids)
+    new = out[0, prompt_length:]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), models.memory_report(cache))

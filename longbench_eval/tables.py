@@ -18,8 +18,11 @@ LONGBENCH_E_DATASETS = (
     "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
     "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
 )  # fmt: skip
-# Few-shot / completion tasks: chat models do better on them without the chat wrapper.
-NO_CHAT_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+# Few-shot / completion tasks: chat models do better on them without the chat wrapper. The
+# standard-library tasks (stdlib_tasks.py) are completions too: lcc's format, and needle prompts
+# ending with RULER's answer prefix.
+NO_CHAT_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p", "stdlib_lcc",
+                              "stdlib_niah", "stdlib_niah_multikey"})  # fmt: skip
 # Tasks whose prediction is cut to its first non-empty line before scoring.
 FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
@@ -42,8 +45,9 @@ def _read(config_dir: Path, name: str) -> dict:
 
 
 def synthetic_datasets(config_dir: str | Path = CONFIG_DIR) -> tuple[str, ...]:
-    """The project's synthetic long-context tasks (``synthetic_tasks.py``), in LongBench format:
-    their prompts, max new tokens and metrics live in ``config/synthetic_dataset2*.json``."""
+    """The project's own long-context tasks in LongBench format: the synthetic ones of
+    ``synthetic_tasks.py`` and the ``stdlib_*`` ones of ``stdlib_tasks.py``. Their prompts, max new
+    tokens and metrics live in ``config/synthetic_dataset2*.json``."""
     return tuple(_read(Path(config_dir), "synthetic_dataset2prompt"))
 
 
@@ -60,18 +64,20 @@ def dataset_names(longbench_e: bool) -> tuple[str, ...]:
 
 
 def select_datasets(requested: list[str] | None, longbench_e: bool) -> list[str]:
-    """Expand ``all`` (LongBench's datasets) and ``synthetic`` (the project's synthetic tasks) and
-    comma-separated lists; keep order, drop repeats; reject unknown names."""
+    """Expand ``all`` (LongBench's datasets), ``synthetic`` (synthetic_tasks.py's tasks), ``stdlib``
+    (stdlib_tasks.py's tasks) and comma-separated lists; keep order, drop repeats; reject unknown
+    names."""
     known = dataset_names(longbench_e)
     synthetic = () if longbench_e else synthetic_datasets()
-    groups = {"all": known, "synthetic": synthetic}
+    groups = {"all": known, "synthetic": tuple(n for n in synthetic if not n.startswith("stdlib_")),
+              "stdlib": tuple(n for n in synthetic if n.startswith("stdlib_"))}  # fmt: skip
     names: list[str] = []
     for item in requested or ["all"]:
         for name in filter(None, (part.strip() for part in item.split(","))):
             for expanded in groups.get(name, (name,)):
                 if expanded not in known and expanded not in synthetic:
                     bench = "LongBench-E" if longbench_e else "LongBench"
-                    choices = ", ".join(("all", *known, *(("synthetic", *synthetic) if synthetic else ())))
+                    choices = ", ".join(("all", *known, *(("synthetic", "stdlib", *synthetic) if synthetic else ())))
                     raise ValueError(f"unknown {bench} dataset {expanded!r}; choose from: {choices}")
                 if expanded not in names:
                     names.append(expanded)

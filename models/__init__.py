@@ -10,7 +10,7 @@ from .accounting import BitReport, LayerBits, qjl_bit_report
 from .attention import qjl_attention_forward, register
 from .cache import ATTN_IMPLEMENTATION, KIVICache, QJLCache
 from .config import LayerBudget, QJLConfig
-from .factory import METHODS, cache_kwargs, make_cache, memory_report, quanto_available
+from .factory import METHODS, cache_kwargs, make_cache, memory_report, prefilled_cache, quanto_available
 from .key_store import KeyStore, QJLKeyStore, select_outliers
 from .kivi import KIVIKeyStore
 from .memory import LayerMemory, MemoryReport
@@ -38,6 +38,7 @@ __all__ = [
     "cache_kwargs",
     "make_cache",
     "memory_report",
+    "prefilled_cache",
     "qjl_attention_forward",
     "qjl_bit_report",
     "quanto_available",

@@ -111,7 +111,7 @@ class CompressedLayer(CacheLayerMixin):
         key/value tensors standing in for the compressed state (any other attention)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._settle()
+        self.settle()
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         if self._returns_handles():
@@ -171,7 +171,7 @@ class CompressedLayer(CacheLayerMixin):
             )
         else:
             output = self._attend_compressed(query, attention_mask, scaling, start).transpose(1, 2)
-        self._settle()
+        self.settle()
         return output.to(query.dtype).contiguous()
 
     def _attend_compressed(self, query, attention_mask, scaling, start) -> torch.Tensor:
@@ -248,7 +248,7 @@ class CompressedLayer(CacheLayerMixin):
         return output
 
     # --- state ------------------------------------------------------------------------------------
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Commit complete key buffers and quantize values that left the window."""
         self.key_store.commit()
         self.value_store.trim()

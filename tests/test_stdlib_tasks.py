@@ -1,0 +1,95 @@
+"""stdlib_tasks: LongBench-format tasks from the standard library's sources, deterministic by seed."""
+
+import json
+
+import pytest
+
+import stdlib_tasks
+from longbench_eval import data, scoring
+from real_text import stdlib_files
+
+CHARS = [1000, 2500]
+N = 4
+
+
+def _file_lines(source: str) -> tuple[list[str], int]:
+    name, line = source.rsplit(":", 1)
+    (path,) = [p for p in stdlib_files() if p.name == name]
+    return path.read_text(encoding="utf-8", errors="replace").split("\n"), int(line)
+
+
+def test_same_seed_same_files_other_seed_other_examples(tmp_path):
+    first = stdlib_tasks.write_tasks(tmp_path / "a", N, CHARS, seed=1)
+    second = stdlib_tasks.write_tasks(tmp_path / "b", N, CHARS, seed=1)
+    assert [p.name for p in first] == [f"{t}.jsonl" for t in stdlib_tasks.TASKS]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()
+    for task in stdlib_tasks.TASKS:
+        other = stdlib_tasks.generate(task, N, CHARS, seed=2)
+        assert [r["context"] for r in other] != [r["context"] for r in stdlib_tasks.generate(task, N, CHARS, seed=1)]
+        # Example i does not depend on how many are written.
+        assert stdlib_tasks.generate(task, 2, CHARS, seed=1) == stdlib_tasks.generate(task, N, CHARS, seed=1)[:2]
+
+
+@pytest.mark.parametrize("task", stdlib_tasks.TASKS)
+def test_rows_carry_longbench_fields_and_load_as_longbench_data(tmp_path, task):
+    (path,) = stdlib_tasks.write_tasks(tmp_path, N, CHARS, seed=0, tasks=[task])
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == N and len({r["_id"] for r in rows}) == N
+    for i, r in enumerate(rows):
+        assert r["dataset"] == task and isinstance(r["input"], str) and isinstance(r["context"], str)
+        assert isinstance(r["answers"], list) and all(isinstance(a, str) and a.strip() for a in r["answers"])
+        assert r["length"] == len(r["context"].split()) and r["all_classes"] is None
+        assert CHARS[i % 2] - 200 <= len(r["context"]) <= CHARS[i % 2]
+    loaded = data.load_examples(task, longbench_e=False, data_dir=str(tmp_path), n_data=None)
+    assert [e["_id"] for e in loaded] == [r["_id"] for r in rows]
+    # The prompt template and metric tables know the task.
+    from longbench_eval import tables
+
+    assert "{context}" in tables.load_tables().dataset2prompt[task]
+    assert scoring.score_prediction(task, rows[0]["answers"][0], rows[0]["answers"]) == 1.0
+
+
+def test_lcc_context_is_the_file_before_the_cut_and_the_answer_its_next_line():
+    for r in stdlib_tasks.generate("stdlib_lcc", 6, CHARS, seed=3):
+        lines, first = _file_lines(r["source"])
+        context_lines = r["context"].split("\n")[:-1]  # the context ends with a newline
+        assert r["context"].endswith("\n")
+        assert lines[first - 1 : first - 1 + len(context_lines)] == context_lines
+        after = lines[first - 1 + len(context_lines) :]
+        assert r["answers"] == [next(line.rstrip() for line in after if line.strip())]
+
+
+def test_needles_sit_in_real_code_and_the_question_asks_for_one_of_them():
+    for task, count in (("stdlib_niah", 1), ("stdlib_niah_multikey", stdlib_tasks.MULTIKEY_NEEDLES)):
+        for r in stdlib_tasks.generate(task, 4, CHARS, seed=5):
+            needles = [line for line in r["context"].split("\n") if "special magic number" in line]
+            assert len(needles) == count
+            keys = {line.split(" for ")[1].split(" is:")[0]: line.rsplit(" ", 1)[1].rstrip(".") for line in needles}
+            assert len(keys) == count and all(len(v) == 7 and v.isdigit() for v in keys.values())
+            asked = r["input"].split("magic number for ")[1].split(" mentioned")[0]
+            assert r["answers"] == [keys[asked]]
+            assert r["input"].endswith(f"The special magic number for {asked} mentioned in the provided text is")
+            hay = [line for line in r["context"].split("\n") if "special magic number" not in line]
+            lines, first = _file_lines(r["source"])
+            assert hay[0] == lines[first - 1]  # the haystack starts at the named line of a real file
+
+
+def test_previous_line_baseline_scores_the_copy_predictor():
+    rows = [{"context": "a = 1\nreturn x\n\n", "answers": ["return x"]}, {"context": "x\n", "answers": ["y"]}]
+    assert stdlib_tasks.previous_line_baseline(rows) == 50.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"task": "lcc"}, "unknown standard-library task"),
+        ({"n": 0}, "n must be positive"),
+        ({"chars": []}, "chars must be non-empty"),
+        ({"chars": [50]}, "at least 200"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    args = {"task": "stdlib_niah", "n": 2, "chars": CHARS, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        stdlib_tasks.generate(**args)
