@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -16,6 +17,25 @@ METHOD_STYLE = {  # label, color, marker (the paper's colors)
     "qjl": ("QJL", "#107c10", "s"),
     "quanto": ("quanto", "#ffa900", "D"),
 }
+
+
+def _int_at_least(least: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in its messages
+    return parse
+
+
+# argparse types: a command-line 0 is refused with a usage error, never replaced by a default
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def default_synchronize(device: torch.device) -> Callable[[], None]:
@@ -34,9 +54,9 @@ class DeviceTimer:
     def __init__(self, device: torch.device | str, synchronize: Callable[[], None] | None = None,
                  clock: Callable[[], float] | None = None) -> None:
         self.device = torch.device(device)
-        self.synchronize = synchronize or default_synchronize(self.device)
+        self.synchronize = default_synchronize(self.device) if synchronize is None else synchronize
         self.use_events = clock is None and self.device.type == "cuda"
-        self.clock = clock or time.perf_counter
+        self.clock = time.perf_counter if clock is None else clock
         self.seconds = float("nan")
 
     def __enter__(self) -> "DeviceTimer":

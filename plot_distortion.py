@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from figures import format_table, plot_panels, write_json
+from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
 from models.distortion import score_distortion, synthetic_keys
 
@@ -65,16 +65,16 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local causal LM directory; keys/queries are captured from it")
     parser.add_argument("--source", choices=("synthetic", "model"), help="default: model if --model is given")
-    parser.add_argument("--layers", type=int, nargs="+", help="layers to average (default: all)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens of keys per layer")
-    parser.add_argument("--queries", type=int, default=64, help="queries per head (the last ones)")
-    parser.add_argument("--head_dim", type=int, default=128, help="synthetic keys only")
-    parser.add_argument("--outlier_count", type=int, default=8)
-    parser.add_argument("--group_size", type=int, default=32)
+    parser.add_argument("--layers", type=non_negative_int, nargs="+", help="layers to average (default: all)")
+    parser.add_argument("--tokens", type=positive_int, default=1024, help="tokens of keys per layer")
+    parser.add_argument("--queries", type=positive_int, default=64, help="queries per head (the last ones)")
+    parser.add_argument("--head_dim", type=positive_int, default=128, help="synthetic keys only")
+    parser.add_argument("--outlier_count", type=non_negative_int, default=8)
+    parser.add_argument("--group_size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="results/distortion")
     args = parser.parse_args(argv)
-    source = args.source or ("model" if args.model else "synthetic")
+    source = args.source if args.source is not None else ("model" if args.model else "synthetic")
     if source == "model" and not args.model:
         parser.error("--source model needs --model PATH")
     if args.tokens < args.group_size:

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import models
 import qjl_kernel
-from figures import DeviceTimer, format_table, median, plot_panels, write_json
+from figures import DeviceTimer, format_table, median, plot_panels, positive_int, write_json
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -131,23 +131,27 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny on CPU, llama3-8b on GPU")
     parser.add_argument("--methods", nargs="+", default=["exact", "qjl", "kivi"], choices=models.METHODS)
-    parser.add_argument("--num_layers", type=int, default=1, help="decoder layers (the paper: 1)")
-    parser.add_argument("--min_len", type=int, help="default: 256 on CPU, 512 on GPU")
-    parser.add_argument("--max_len", type=int, help=f"default: {cpu_max_len} on CPU, 65536 on GPU (up to 131072)")
-    parser.add_argument("--new_tokens", type=int, help="decode steps (default: the preset's)")
-    parser.add_argument("--repeats", type=int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
+    parser.add_argument("--num_layers", type=positive_int, default=1, help="decoder layers (the paper: 1)")
+    parser.add_argument("--min_len", type=positive_int, help="default: 256 on CPU, 512 on GPU")
+    parser.add_argument("--max_len", type=positive_int,
+                        help=f"default: {cpu_max_len} on CPU, 65536 on GPU (up to 131072)")
+    parser.add_argument("--new_tokens", type=positive_int, help="decode steps (default: the preset's)")
+    parser.add_argument("--repeats", type=positive_int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the preset's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--qjl_config", default=str(DEFAULT_QJL_CONFIG), help="QJLConfig preset JSON")
     parser.add_argument("--output_dir", default="results/runtime")
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
-    args.preset = args.preset or ("llama3-8b" if gpu else "tiny")
-    args.min_len = args.min_len or (512 if gpu else 256)
-    args.max_len = args.max_len or (65536 if gpu else cpu_max_len)
-    args.repeats = args.repeats or (10 if gpu else 3)
-    args.new_tokens = args.new_tokens or PRESETS[args.preset]["new_tokens"]
-    args.dtype = args.dtype or PRESETS[args.preset]["dtype"]
+    # Fill only what was not given (None): a given value, 0 included, is the user's.
+    defaults = dict(preset="llama3-8b" if gpu else "tiny", min_len=512 if gpu else 256,
+                    max_len=65536 if gpu else cpu_max_len, repeats=10 if gpu else 3)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("new_tokens", "dtype"):
+        if getattr(args, name) is None:
+            setattr(args, name, PRESETS[args.preset][name])
     if args.min_len <= 0 or args.max_len < args.min_len:
         parser.error(f"need 0 < --min_len <= --max_len, got {args.min_len}, {args.max_len}")
     if args.num_layers <= 0 or args.repeats <= 0 or args.new_tokens <= 0:

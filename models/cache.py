@@ -1,17 +1,24 @@
 """Compressed KV caches for transformers: QJL (keys) and KIVI (keys), both with grouped low-bit values.
 
-Storage policy (both methods, DESIGN.md section 1): keys wait in an exact residual buffer and are
+Storage policy (both methods, docs/DESIGN.md sections 1 and 3): keys wait in an exact residual buffer and are
 committed in blocks of ``buffer_size`` tokens; the newest ``buffer_size`` values stay exact and
-older ones are quantized per token. A step's attention sees the cache as committed at the start
-of the step; commits happen at its end (or, equivalently, at the start of the next update).
+older ones are quantized per token.
 
 Semantics of a step of ``L`` new tokens at positions ``p0 .. p0 + L - 1``:
 - the first step (``p0 = 0``, the prompt) is exact attention (SDPA) over full-precision keys and
   values;
 - later steps use the compressed state; a query at position ``p`` sees keys below
-  ``floor(p / buffer_size) * buffer_size`` through their compressed form and values older than
-  ``p - buffer_size`` quantized. Multi-token steps (chunked prefill, speculative verification)
-  apply that rule row by row, so they give the same result as feeding the tokens one by one.
+  ``floor((p + 1) / buffer_size) * buffer_size`` through their compressed form and values older
+  than ``p - buffer_size`` quantized. As in the original code (amirzandieh/QJL, which commits a
+  block in ``update_sketch`` before ``attention_score``), the query that completes a block sees
+  the whole block, its own key included, compressed. Multi-token steps (chunked prefill,
+  speculative verification) apply that rule row by row, so they give the same result as feeding
+  the tokens one by one.
+
+Commits (keys into the compressed store, values out of the window) happen at the start of the
+next update, never during a step: a step's attention scores a block it completes through the
+block's compressed form computed on the fly. So the tokens of the last step are still exact and
+can be removed again (:meth:`CompressedLayer.crop`, used by assisted / speculative decoding).
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ from .sketch import QJLSketch
 from .value_store import ValueStore
 
 ATTN_IMPLEMENTATION = "qjl"
+KIVI_BITS = (2, 4)  # bits of KIVI keys and values
+
+
+class CompressedStateMisuse(AttributeError, TypeError):
+    """Another attention function read a tensor attribute of a :class:`CompressedState`. An
+    AttributeError so that ``hasattr`` / ``getattr(..., default)`` probes (``torch.compile``,
+    ``copy``, pickling) see a plain missing attribute; a TypeError for what it means to a user."""
 
 
 class CompressedState:
@@ -46,7 +60,9 @@ class CompressedState:
         self.layer = layer
 
     def __getattr__(self, name):
-        raise TypeError(
+        if name.startswith("_"):  # dunder and private probes: just not there
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise CompressedStateMisuse(
             f"an attention function read `.{name}` of a compressed KV cache handle. Compressed caches "
             f"(QJLCache, KIVICache) return handles only when the model config they were built with says "
             f"attn_implementation={ATTN_IMPLEMENTATION!r}; this model runs another attention function. Load "
@@ -90,7 +106,7 @@ class CompressedLayer(CacheLayerMixin):
     """One decoder layer's compressed KV state: a key store and a value store."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # the tokens of the last step (see crop)
     is_sliding = False
     supports_early_init = False
 
@@ -109,15 +125,24 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, H_kv, L, d]`` keys and values; return handles (``"qjl"`` attention) or
         key/value tensors standing in for the compressed state (any other attention)."""
+        if key_states.shape[2] == 0:
+            raise ValueError(
+                "a compressed cache step must add at least one token (got keys of shape "
+                f"{tuple(key_states.shape)}): feed a non-empty input_ids"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.settle()
+        start = self.key_store.seq_len
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         if self._returns_handles():
             handle = CompressedState(self)
             return handle, handle
-        return self.dense_keys(), self.dense_values()
+        # The step's first row sees keys below floor((start + 1) / B) * B compressed (exact for
+        # one-token steps; the prompt step is exact).
+        buffer = self.key_store.buffer_size
+        return self.dense_keys(((start + 1) // buffer) * buffer if start else 0), self.dense_values()
 
     def get_seq_length(self) -> int:
         return self.key_store.seq_len
@@ -136,8 +161,16 @@ class CompressedLayer(CacheLayerMixin):
         self.key_store.reorder_batch(beam_idx)
         self.value_store.reorder_batch(beam_idx)
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(indices)
+    def batch_select_indices(self, indices) -> None:
+        """Keep the batch rows ``indices`` selects: an index tensor or list, a slice, or a bool
+        mask ``[B]`` (what transformers passes; DynamicLayer indexes ``keys[indices, ...]``)."""
+        residual = self.key_store.residual
+        if residual is None:
+            return
+        device = indices.device if isinstance(indices, torch.Tensor) else residual.device
+        if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool and indices.shape != (residual.shape[0],):
+            raise IndexError(f"a bool batch mask must have shape ({residual.shape[0]},), got {tuple(indices.shape)}")
+        self.reorder_cache(torch.arange(residual.shape[0], device=device)[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         batch = self.key_store.residual.shape[0] if self.key_store.residual is not None else 0
@@ -145,10 +178,32 @@ class CompressedLayer(CacheLayerMixin):
             self.reorder_cache(torch.arange(batch).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "compressed caches cannot be cropped (committed tokens are not recoverable); "
-            "assisted generation that rejects draft tokens is not supported with QJLCache/KIVICache"
-        )
+        """Remove the newest tokens: ``crop(-n)`` removes ``n`` and ``crop(0)`` nothing (transformers'
+        convention); a positive argument is the number of tokens to keep (the convention of earlier
+        transformers releases). Only tokens still held exactly can go: keys in the residual buffer,
+        values in the exact window. Commits wait for the next update, so the tokens of the last step
+        (a draft that verification rejects) can always be removed."""
+        total = self.get_seq_length()
+        count = -tokens_to_remove if tokens_to_remove <= 0 else total - tokens_to_remove
+        count = min(count, total)
+        if count <= 0 or not self.is_initialized:
+            return
+        if count > self.num_croppable():
+            raise ValueError(
+                f"cannot remove {count} tokens from a compressed cache: only the newest {self.num_croppable()} "
+                f"are still held exactly; older ones are committed to the compressed store, from which tokens "
+                f"cannot be removed"
+            )
+        self.key_store.crop(count)
+        self.value_store.crop(count)
+
+    def num_croppable(self) -> int:
+        """How many of the newest tokens :meth:`crop` can remove: keys still in the residual buffer,
+        and values such that the newest ``buffer_size`` left afterwards are all still exact."""
+        keys, values = self.key_store, self.value_store
+        if values.bits == 16 or values.num_quantized == 0:
+            return keys.num_residual
+        return min(keys.num_residual, values.num_window - values.buffer_size)
 
     def offload(self):
         raise NotImplementedError("offloading is not supported by compressed caches")
@@ -171,7 +226,6 @@ class CompressedLayer(CacheLayerMixin):
             )
         else:
             output = self._attend_compressed(query, attention_mask, scaling, start).transpose(1, 2)
-        self.settle()
         return output.to(query.dtype).contiguous()
 
     def _attend_compressed(self, query, attention_mask, scaling, start) -> torch.Tensor:
@@ -182,13 +236,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def _attend_fused(self, query, attention_mask, scaling, start) -> torch.Tensor | None:
         """The step through the fused op :func:`qjl_kernel.decode_attention`, when every row sees
-        the state as stored: no buffer boundary crossed inside the step (always true for one new
-        token) and a mask that is boolean or 0/-inf. None otherwise (the composed path then applies
-        the row-by-row rule)."""
+        the state as stored: no row completes a block (true for most one-token steps) and a mask
+        that is boolean or 0/-inf. None otherwise (the composed path then applies the row-by-row
+        rule)."""
         keys, values = self.key_store, self.value_store
         length, total = query.shape[2], keys.seq_len
-        if ((start + length - 1) // keys.buffer_size) * keys.buffer_size > keys.num_committed:
-            return None  # a row past a boundary sees residual keys compressed
+        if ((start + length) // keys.buffer_size) * keys.buffer_size > keys.num_committed:
+            return None  # a row that completes a block sees residual keys compressed
         if values.bits != 16 and values.num_window - 1 > values.buffer_size:
             return None  # a row past the first sees the oldest window values quantized
         mask = _step_mask(attention_mask, total)
@@ -207,14 +261,15 @@ class CompressedLayer(CacheLayerMixin):
 
         committed = keys.committed_scores(query)
         recent = keys.residual_scores(query)  # [B, H_q, L, R]
-        # Rows past a buffer boundary inside this step see the keys below it compressed.
+        # Blocks completed by this step are still in the residual (commits wait for the next
+        # update): the rows at and after a block's last token see it compressed, on the fly.
         first, buffer = keys.num_committed, keys.buffer_size
-        crossed = ((start + length - 1) // buffer) * buffer - first
+        crossed = ((start + length) // buffer) * buffer - first
         if crossed > 0:
             state = keys.quantize(keys.residual[:, :, :crossed], keys.residual_valid[:, :crossed])
             compressed = keys.scores(state, query)
             cols = first + torch.arange(crossed, device=device)
-            use = cols[None, :] < (positions // buffer * buffer)[:, None]  # [L, crossed]
+            use = cols[None, :] < ((positions + 1) // buffer * buffer)[:, None]  # [L, crossed]
             recent[..., :crossed] = torch.where(use, compressed, recent[..., :crossed])
         scores = recent if committed is None else torch.cat([committed, recent], dim=-1)
         scores = scores * scaling
@@ -253,9 +308,15 @@ class CompressedLayer(CacheLayerMixin):
         self.key_store.commit()
         self.value_store.trim()
 
-    def dense_keys(self) -> torch.Tensor:
-        """``[B, H_kv, T, d]``: compressed keys as stand-in tensors + the exact residual."""
-        parts = [self.key_store.dequantized(), self.key_store.residual]
+    def dense_keys(self, compressed: int = 0) -> torch.Tensor:
+        """``[B, H_kv, T, d]``: compressed keys as stand-in tensors + the exact residual; the
+        residual keys below position ``compressed`` (complete blocks) also as stand-ins."""
+        keys = self.key_store
+        parts = [keys.dequantized(), keys.residual]
+        pending = compressed - keys.num_committed
+        if pending > 0:
+            state = keys.quantize(keys.residual[:, :, :pending], keys.residual_valid[:, :pending])
+            parts[1:] = [keys.dequantize_state(state), keys.residual[:, :, pending:]]
         return torch.cat([p.to(self.dtype) for p in parts if p is not None], dim=2)
 
     def dense_values(self) -> torch.Tensor:
@@ -268,10 +329,15 @@ class CompressedLayer(CacheLayerMixin):
         residual = keys.residual
         shape = residual.shape if residual is not None else None
         channels = shape[0] * shape[1] * shape[3] if shape is not None else 0
-        key_bits = 8 * keys.committed_nbytes() / (channels * keys.num_committed) if keys.num_committed else None
-        value_bits = (
-            8 * values.quantized_nbytes() / (channels * values.num_quantized) if values.num_quantized else None
-        )
+        # Bits of the compressed part; while nothing is compressed, of the exact tensors held.
+        if keys.num_committed:
+            key_bits = 8 * keys.committed_nbytes() / (channels * keys.num_committed)
+        else:
+            key_bits = 8 * residual.element_size() if keys.num_residual else None
+        if values.num_quantized:
+            value_bits = 8 * values.quantized_nbytes() / (channels * values.num_quantized)
+        else:
+            value_bits = 8 * values.window.element_size() if values.num_window else None
         fp16 = 2 * 2 * channels * keys.seq_len
         return LayerMemory(key_bits, value_bits, keys.nbytes() + values.nbytes(), fp16)
 
@@ -286,10 +352,31 @@ def model_head_dim(config: PreTrainedConfig) -> int:
 
 
 def _check_attention_layers(config: PreTrainedConfig) -> None:
+    """Raise ValueError, when the cache is built, for attention a compressed cache cannot serve:
+    every layer must cache one key and one value of the same head_dim per KV head and token."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"compressed caches serve decoder-only models; {model_type!r} is an encoder-decoder model "
+            f"(its cross-attention needs an EncoderDecoderCache)"
+        )
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise ValueError(
+            f"compressed caches cannot serve multi-head latent attention (MLA, {model_type!r} with "
+            f"kv_lora_rank={config.kv_lora_rank}): it caches a latent and a rotary key, not keys and values"
+        )
+    v_head_dim = getattr(config, "v_head_dim", None)
+    if v_head_dim is not None and v_head_dim != model_head_dim(config):
+        raise ValueError(
+            f"compressed caches need keys and values of one head_dim; {model_type!r} has head_dim "
+            f"{model_head_dim(config)} and v_head_dim {v_head_dim}"
+        )
     layer_types = getattr(config, "layer_types", None) or []
     unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unsupported:
-        raise ValueError(f"compressed caches support attention layers only; this model has {unsupported}")
+        raise ValueError(
+            f"compressed caches support full and sliding attention layers only; {model_type!r} has {unsupported}"
+        )
 
 
 class _CompressedCache(Cache):
@@ -302,7 +389,9 @@ class _CompressedCache(Cache):
 
     def memory_report(self) -> MemoryReport:
         """Measured memory: bits per channel of the compressed part (keys, values, per layer and
-        overall), bytes held (compressed + exact buffers) and the fp16 DynamicCache equivalent."""
+        overall; of the exact tensors where nothing is compressed yet), bytes held (compressed +
+        exact buffers) and the fp16 DynamicCache equivalent. The blocks completed by the last step
+        are committed at the start of the next update: until then they are held (and counted) exact."""
         layers = tuple(layer.memory() for layer in self.layers)
         return MemoryReport.from_layers(layers, fallback_bits=self.nominal_bits_per_channel())
 
@@ -321,6 +410,10 @@ class QJLCache(_CompressedCache):
 
     def __init__(self, model_config: PreTrainedConfig, qjl_config: QJLConfig | None = None) -> None:
         self.qjl_config = qjl_config = qjl_config if qjl_config is not None else QJLConfig()
+        if not isinstance(qjl_config, QJLConfig):
+            raise TypeError(
+                f"qjl_config must be a QJLConfig (or None for the paper's), got {type(qjl_config).__name__}"
+            )
         text = _text_config(model_config)
         _check_attention_layers(text)
         self.head_dim = model_head_dim(text)
@@ -356,6 +449,16 @@ class KIVICache(_CompressedCache):
 
     def __init__(self, model_config: PreTrainedConfig, bits: int = 2, group_size: int = 32,
                  buffer_size: int = 128) -> None:
+        for name, value in (("bits", bits), ("group_size", group_size), ("buffer_size", buffer_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"KIVICache {name} must be an int, got {type(value).__name__} {value!r}")
+        if bits not in KIVI_BITS:
+            raise ValueError(f"KIVICache bits must be one of {KIVI_BITS}, got {bits!r}")
+        if group_size <= 0 or buffer_size <= 0 or buffer_size % group_size:
+            raise ValueError(
+                f"KIVICache needs a positive group_size and a buffer_size that is a positive multiple of it, "
+                f"got group_size={group_size}, buffer_size={buffer_size}"
+            )
         text = _text_config(model_config)
         _check_attention_layers(text)
         self.head_dim = model_head_dim(text)

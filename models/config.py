@@ -44,6 +44,16 @@ class QJLConfig:
     hadamard: bool = False
 
     def __post_init__(self) -> None:
+        # Types first: a float (2.0) or a string ("no") would pass the range checks below or be
+        # truthy, then fail (or silently mean something else) in the middle of a generation.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                raise TypeError(f"{field.name} must be a bool (True or False), got {value!r}")
+            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{field.name} must be an int, got {type(value).__name__} {value!r}")
+        if not 0 <= self.seed < 2**63 - 1:  # the second sketch uses seed + 1; torch seeds are 64-bit
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1), got {self.seed!r}")
         for name in ("key_quantization_bits", "key_quantization_bits_initial_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 8:

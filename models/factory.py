@@ -8,7 +8,7 @@ import inspect
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig, QuantizedCache
 
-from .cache import CompressedLayer, KIVICache, QJLCache
+from .cache import KIVICache, QJLCache
 from .config import QJLConfig
 from .memory import MemoryReport
 
@@ -37,6 +37,8 @@ def make_cache(method: str, model_config: PreTrainedConfig, qjl_config: QJLConfi
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     config = qjl_config if qjl_config is not None else QJLConfig()
+    if not isinstance(config, QJLConfig):
+        raise TypeError(f"qjl_config must be a QJLConfig (or None for the paper's), got {type(config).__name__}")
     if method == "exact":
         return DynamicCache(config=model_config)
     if method == "qjl":
@@ -60,15 +62,12 @@ def prefilled_cache(
 
     The prompt step is the same for every method (exact attention over full-precision keys and
     values; the compression happens after it), so one prefill with a :class:`DynamicCache` can
-    serve every method: this loads its keys and values and compresses them as the end of the
-    prompt step would. The caller decodes from the prompt's next token on. ``prompt`` is only
-    read (batch without padding)."""
+    serve every method: this loads its keys and values into the state the prompt step leaves
+    (compressed caches commit them at the start of the next update). The caller decodes from the
+    prompt's next token on. ``prompt`` is only read (batch without padding)."""
     cache = make_cache(method, model_config, qjl_config)
     for idx, layer in enumerate(prompt.layers):
         cache.update(layer.keys, layer.values, idx)
-    for layer in cache.layers:
-        if isinstance(layer, CompressedLayer):
-            layer.settle()
     return cache
 
 

@@ -22,6 +22,10 @@ class GrowableTensors:
 
     def append(self, parts: tuple[torch.Tensor, ...]) -> None:
         added = parts[0].shape[self.dim]
+        if self._buffers is not None and self._buffers[0].is_inference() and not torch.is_inference_mode_enabled():
+            # Buffers allocated under torch.inference_mode() refuse in-place writes outside it (a
+            # cache filled there, then continued by generate()): move them to normal tensors once.
+            self._buffers = [b.clone() for b in self._buffers]
         if self._buffers is None:
             capacity = max(added, 1)
             self._buffers = [self._empty_like(p, capacity) for p in parts]

@@ -104,6 +104,17 @@ class KeyStore:
             self.residual_valid = self.residual_valid[:, count:]
         return count
 
+    def crop(self, count: int) -> None:
+        """Remove the newest ``count`` keys, which must still be in the residual buffer."""
+        if count > self.num_residual:
+            raise ValueError(
+                f"cannot remove {count} keys: only the newest {self.num_residual} are still exact (the older "
+                f"ones are committed to the compressed store, from which tokens cannot be removed)"
+            )
+        if count > 0:
+            self.residual = self.residual[:, :, :-count]
+            self.residual_valid = self.residual_valid[:, :-count]
+
     # --- scores ------------------------------------------------------------------------------
     def committed_scores(self, query: torch.Tensor) -> torch.Tensor | None:
         """Scores of the committed keys, float32 ``[B, H_q, L, T_c]`` (None when nothing is committed)."""

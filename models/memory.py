@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerMemory:
-    """One layer: bits per channel of its compressed keys and values (None while nothing is
-    compressed), bytes held, and bytes an fp16 cache would hold for the same tokens."""
+    """One layer: bits per channel of its compressed keys and values (while nothing is compressed,
+    of the exact tensors held: their dtype's bits; None while empty), bytes held, and bytes an fp16
+    cache would hold for the same tokens."""
 
     key_bits_per_channel: float | None
     value_bits_per_channel: float | None
@@ -22,10 +23,10 @@ class MemoryReport:
     """What a cache holds right now.
 
     ``bits_per_channel``: bits per stored key/value channel of the compressed part, averaged over
-    keys and values (measured from the bytes held where something is compressed, else the
-    configuration's nominal value; 16 for an fp16 exact cache); ``nbytes``: bytes of every tensor
-    the cache holds (compressed part, exact buffers, indices); ``fp16_nbytes``: what an fp16
-    DynamicCache would hold for the same tokens.
+    keys and values (measured from the bytes held where something is compressed, else the bits of
+    the exact tensors held, e.g. 16 for fp16; the configuration's nominal value for an empty
+    cache); ``nbytes``: bytes of every tensor the cache holds (compressed part, exact buffers,
+    indices); ``fp16_nbytes``: what an fp16 DynamicCache would hold for the same tokens.
     """
 
     bits_per_channel: float

@@ -68,6 +68,16 @@ class ValueStore:
         self.window = self.window[:, :, count:]
         return count
 
+    def crop(self, count: int) -> None:
+        """Remove the newest ``count`` values, which must still be in the exact window."""
+        if count > self.num_window:
+            raise ValueError(
+                f"cannot remove {count} values: only the newest {self.num_window} are still exact (the older "
+                f"ones are quantized)"
+            )
+        if count > 0:
+            self.window = self.window[:, :, :-count]
+
     def nbytes(self) -> int:
         window = 0 if self.window is None else self.window.numel() * self.window.element_size()
         return self._quantized.nbytes() + window

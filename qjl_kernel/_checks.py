@@ -74,9 +74,16 @@ def quantize_keys_args(keys, outlier_indices, proj, outlier_sketch_dim) -> None:
     if n_out > dim:
         raise ValueError(f"outlier_indices has {n_out} channels per group, more than head_dim {dim}")
     if n_out and outlier_indices.numel():
-        low, high = int(outlier_indices.min()), int(outlier_indices.max())
+        # Range and distinctness in one device-to-host read (a sync on CUDA, which the range check
+        # needs anyway: kernels index with these). A repeated channel would silently give the group
+        # fewer outliers than n_out, and the backends need not agree on it.
+        ordered = outlier_indices.long().sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any() if n_out > 1 else ordered.new_zeros(())
+        low, high, duplicate = torch.stack([ordered[..., 0].min(), ordered[..., -1].max(), repeated.long()]).tolist()
         if low < 0 or high >= dim:
             raise ValueError(f"outlier_indices must lie in [0, {dim}), got values in [{low}, {high}]")
+        if duplicate:
+            raise ValueError("outlier_indices must name distinct channels within each group; got a repeated index")
     positive_multiple("outlier_sketch_dim", outlier_sketch_dim, 8, allow_zero=True)
     if outlier_sketch_dim > proj.shape[0]:
         raise ValueError(

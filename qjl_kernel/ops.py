@@ -270,7 +270,7 @@ def key_scores(query: torch.Tensor, keys: QuantizedKeys, projection: torch.Tenso
     if single_row:
         query = query.unsqueeze(2)
     kernels = _kernels(query, *keys, projection, floats=(query, keys.inlier_norms, keys.outlier_norms))
-    if kernels is not None:
+    if kernels is not None and query.shape[2]:  # L = 0 launches nothing: the reference returns the empty result
         scores = kernels.key_scores(
             query,
             _dense_inner(keys.bits, 2),

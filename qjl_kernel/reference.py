@@ -4,7 +4,7 @@ These are the specification every backend is tested against, and the CPU path. T
 float32 whatever the input dtype, run on any device, and assume inputs already validated by the
 public functions in :mod:`qjl_kernel.ops`.
 
-Estimator (DESIGN.md section 1): for a key split into inlier part ``k_in`` (outlier channels
+Estimator (docs/DESIGN.md section 1): for a key split into inlier part ``k_in`` (outlier channels
 zeroed) and outlier part ``k_out``, with projection ``S`` (``m x d``) and query ``q``::
 
     score = c / m   * ||k_in||  * <S q_in,           sign(S k_in)>
@@ -114,6 +114,8 @@ def key_scores_ref(query: torch.Tensor, keys: QuantizedKeys, projection: torch.T
                     "bhrlnm,bhngm->bhrlng", outlier_sketch[..., :m_o], signs_out
                 )
         chunks.append(scores.reshape(batch, q_heads, l, n_groups * group))
+    if not chunks:  # no query rows (L = 0): an empty score matrix, not a failed torch.cat
+        return query.new_zeros(batch, q_heads, 0, n_groups * group, dtype=torch.float32)
     return torch.cat(chunks, dim=2)
 
 

@@ -89,3 +89,37 @@ def test_distortion_from_a_model_run(tmp_path):
     assert data["layers"] == [0, 1] and data["head_dim"] == 64
     plain = data["results"]["no outliers"]
     assert plain[-1] < plain[0]
+
+
+@pytest.mark.parametrize(
+    "main,argv,flag",
+    [
+        (plot_runtime.parse_args, ["--repeats", "0"], "--repeats"),
+        (plot_runtime.parse_args, ["--new_tokens", "0"], "--new_tokens"),
+        (plot_runtime.parse_args, ["--min_len", "0"], "--min_len"),
+        (plot_runtime.parse_args, ["--max_len", "-4"], "--max_len"),
+        (plot_runtime.parse_args, ["--num_layers", "0"], "--num_layers"),
+        (plot_memory_peak.main, ["--new_tokens", "0"], "--new_tokens"),
+        (plot_distortion.main, ["--tokens", "0"], "--tokens"),
+        (plot_distortion.main, ["--queries", "0"], "--queries"),
+        (plot_distortion.main, ["--group_size", "0"], "--group_size"),
+        (plot_distortion.main, ["--outlier_count", "-1"], "--outlier_count"),
+        (plot_distortion.main, ["--layers", "-1"], "--layers"),
+    ],
+)
+def test_out_of_range_knobs_are_usage_errors(main, argv, flag, capsys):
+    # `--repeats 0` used to become 3 and `--new_tokens 0` the preset's 8, silently
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", *argv] if main is not plot_distortion.main else argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a" in capsys.readouterr().err
+
+
+def test_given_knobs_are_kept_and_missing_ones_defaulted():
+    args = plot_runtime.parse_args(["--device", "cpu", "--repeats", "1", "--new_tokens", "2", "--min_len", "16",
+                                    "--max_len", "32"])
+    assert (args.repeats, args.new_tokens, args.min_len, args.max_len) == (1, 2, 16, 32)
+    args = plot_runtime.parse_args(["--device", "cpu"])
+    assert (args.preset, args.repeats, args.min_len, args.max_len) == ("tiny", 3, 256, 2048)
+    tiny = plot_runtime.PRESETS["tiny"]
+    assert (args.new_tokens, args.dtype) == (tiny["new_tokens"], tiny["dtype"])

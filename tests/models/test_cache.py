@@ -239,6 +239,8 @@ def test_memory_report_and_savings_for_the_paper_configuration():
     exact = exact_cache(model)
     step_logits(model, qjl, ids, [2048])
     step_logits(model, exact, ids, [2048])
+    for layer in qjl.layers:
+        layer.settle()  # the prompt's blocks are committed at the start of the next update
     report = models.memory_report(qjl)
     heads, dim, tokens_ = 2, 128, 2048
     expected = 0
@@ -279,6 +281,11 @@ def test_bad_config_values():
         models.QJLConfig(key_quantization_bits=250)
     with pytest.raises(ValueError, match="method must be one of"):
         models.make_cache("fp8", tiny_model().config)
+    for method in ("qjl", "kivi"):
+        with pytest.raises(TypeError, match="qjl_config must be a QJLConfig"):
+            models.make_cache(method, tiny_model().config, {"buffer_size": 64})
+    with pytest.raises(TypeError, match="qjl_config must be a QJLConfig"):
+        models.QJLCache(tiny_model().config, {"buffer_size": 64})
 
 
 def test_quanto_method():
@@ -287,3 +294,93 @@ def test_quanto_method():
     model = tiny_model()
     cache = models.make_cache("quanto", model.config, models.QJLConfig(value_quantization_bits=4))
     assert torch.isfinite(step_logits(model, cache, tokens(1, 40), [30] + [1] * 10)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(bits=0), ValueError, r"bits must be one of \(2, 4\)"),
+        (dict(bits=3), ValueError, r"bits must be one of \(2, 4\)"),
+        (dict(bits=2.0), TypeError, "bits must be an int"),
+        (dict(group_size=0), ValueError, "positive group_size"),
+        (dict(buffer_size=48), ValueError, "multiple"),
+        (dict(buffer_size=True), TypeError, "buffer_size must be an int"),
+    ],
+)
+def test_bad_kivi_construction(kwargs, error, match):
+    # bits=0 used to raise ZeroDivisionError
+    with pytest.raises(error, match=match):
+        models.KIVICache(tiny_model(layers=1).config, **kwargs)
+
+
+def _mla_config():
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+    )
+
+
+def _t5_config():
+    from transformers import T5Config
+
+    return T5Config(d_model=64, d_kv=32, num_heads=2, num_layers=2, d_ff=64, vocab_size=97)
+
+
+def _split_head_dims_config():
+    config = tiny_model(layers=1).config
+    config.v_head_dim = 32  # keys of head_dim 64, values of 32
+    return config
+
+
+@pytest.mark.parametrize(
+    "make_config,match",
+    [(_mla_config, "latent attention"), (_t5_config, "encoder-decoder"), (_split_head_dims_config, "v_head_dim")],
+)
+@pytest.mark.parametrize("method", ["qjl", "kivi"])
+def test_attention_the_cache_cannot_serve_fails_when_built(make_config, match, method):
+    # MLA used to build fine and fail in forward with an error about the handle's `.shape`
+    with pytest.raises(ValueError, match=match):
+        models.make_cache(method, make_config(), models.QJLConfig(group_size=16, buffer_size=32))
+
+
+@pytest.mark.parametrize("method", ["qjl", "kivi"])
+def test_batch_select_accepts_a_bool_mask(method):
+    model = tiny_model()
+    ids = tokens(3, 50)
+    config = sketch_config(128, value_bits=2, buffer_size=32)
+    # transformers passes index tensors or bool masks (DynamicLayer indexes keys[indices, ...])
+    logits = []
+    for keep in (torch.tensor([True, False, True]), torch.tensor([0, 2]), [0, 2], slice(0, 3, 2)):
+        cache = models.make_cache(method, model.config, config)
+        step_logits(model, cache, ids[:, :40], [40])
+        cache.batch_select_indices(keep)
+        assert cache.layers[0].key_store.residual.shape[0] == 2
+        logits.append(_continue(model, cache, ids[::2, 40:]))  # the kept rows decode on
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="bool batch mask"):
+        cache.batch_select_indices(torch.tensor([True, False, True]))
+
+
+@torch.no_grad()
+def _continue(model, cache, ids):
+    out = []
+    for t in range(ids.shape[1]):
+        out.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **models.cache_kwargs(model, cache)).logits)
+    return torch.cat(out, dim=1)
+
+
+def test_handle_answers_attribute_probes():
+    # torch.compile, copy and pickling probe dunders and private names with hasattr / getattr
+    model = tiny_model(layers=1)
+    handle = models.cache.CompressedState(models.QJLCache(model.config, models.QJLConfig()).layers[0])
+    assert not hasattr(handle, "__array_priority__")
+    assert not hasattr(handle, "_dynamo_marked_static")
+    assert getattr(handle, "shape", None) is None
+    with pytest.raises(TypeError, match="attn_implementation='qjl'"):
+        handle.shape
+    with pytest.raises(AttributeError):
+        handle.dtype

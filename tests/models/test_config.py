@@ -64,3 +64,35 @@ def test_unknown_preset_keys_are_an_error(tmp_path):
     path.write_text('{"key_quantization_bits": 256, "typo_bits": 3}')
     with pytest.raises(ValueError, match="typo_bits"):
         QJLConfig.from_json(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(value_quantization_bits=2.0), "value_quantization_bits must be an int"),
+        (dict(key_quantization_bits=256.0), "key_quantization_bits must be an int"),
+        (dict(group_size=True), "group_size must be an int"),
+        (dict(buffer_size="128"), "buffer_size must be an int"),
+        (dict(seed=1.5), "seed must be an int"),
+        (dict(initial_layers_count=None), "initial_layers_count must be an int"),
+        (dict(orthogonalize="no"), "orthogonalize must be a bool"),
+        (dict(hadamard=1), "hadamard must be a bool"),
+    ],
+)
+def test_every_field_has_its_type(kwargs, match):
+    # 2.0 used to pass the range checks and crash mid-generation; "no" counted as True.
+    with pytest.raises(TypeError, match=match):
+        QJLConfig(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seed_range(seed):
+    with pytest.raises(ValueError, match="seed must be"):
+        QJLConfig(seed=seed)
+
+
+def test_preset_with_a_float_is_an_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"value_quantization_bits": 2.0}')
+    with pytest.raises(TypeError, match="value_quantization_bits"):
+        QJLConfig.from_json(path)

@@ -30,6 +30,8 @@ def _proj(m=M, d=D):
         (dict(outlier_indices=_outliers(shape=(1, 2, 3))), ValueError, "outlier_indices must be"),
         (dict(outlier_indices=torch.zeros(1, 2, 2, 4)), TypeError, "outlier_indices must have dtype"),
         (dict(outlier_indices=_outliers() + 100), ValueError, r"outlier_indices must lie in \[0, 64\)"),
+        (dict(outlier_indices=_outliers().index_fill(-1, torch.tensor([1]), 3)), ValueError, "distinct channels"),
+        (dict(outlier_indices=_outliers().int().index_fill(-1, torch.tensor([0]), -1)), ValueError, "must lie in"),
         (dict(projection=_proj(m=100)), ValueError, "sketch size m"),
         (dict(projection=_proj(d=32)), ValueError, "projection must be"),
         (dict(outlier_sketch_dim=12), ValueError, "outlier_sketch_dim"),
@@ -61,6 +63,16 @@ def test_key_scores_rejects():
         qjl_kernel.key_scores(torch.randn(1, 2, 1, D), tuple(state), proj)
     with pytest.raises(TypeError, match="keys.bits must have dtype"):
         qjl_kernel.key_scores(torch.randn(1, 2, 1, D), state._replace(bits=state.bits.int()), proj)
+
+
+def test_key_scores_of_no_query_rows_are_empty():
+    # zero new tokens used to fail with "torch.cat(): expected a non-empty list of Tensors"
+    proj = _proj()
+    state = qjl_kernel.quantize_keys(_keys(), _outliers(), proj, 64)
+    for backend in ("auto", "reference"):
+        with qjl_kernel.use_backend(backend):
+            scores = qjl_kernel.key_scores(torch.randn(1, 4, 0, D), state, proj)
+        assert scores.shape == (1, 4, 0, 16) and scores.dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """GPU tier: every CUDA op against its PyTorch reference (run with `pytest -m cuda` on a GPU machine).
 
-Oracles and tolerances (DESIGN.md section 4, csrc/README.md):
+Oracles and tolerances (docs/DESIGN.md section 6, csrc/README.md):
 - quantize_keys: sign bits bit-exact wherever the float64 sketch is farther from 0 than
   SIGN_MARGIN x sum_j |S_ij k_j| (float32 sums in another order may round a near-zero coordinate to
   the other sign: the documented rounding-tie exception); norms within NORM_RTOL[dtype].

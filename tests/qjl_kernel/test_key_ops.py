@@ -1,4 +1,4 @@
-"""quantize_keys / key_scores against DESIGN.md's estimator computed independently in float64."""
+"""quantize_keys / key_scores against docs/DESIGN.md's estimator computed independently in float64."""
 
 import math
 
@@ -23,7 +23,7 @@ def _case(batch=2, kv_heads=2, ratio=1, n_groups=3, group=8, dim=64, m=128, n_ou
 
 
 def _formula_float64(keys, query, outliers, projection, m_o):
-    """DESIGN.md section 1, token by token in float64."""
+    """docs/DESIGN.md section 1, token by token in float64."""
     batch, kv_heads, n_groups, group, dim = keys.shape
     q_heads, length = query.shape[1], query.shape[2]
     ratio = q_heads // kv_heads
