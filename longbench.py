@@ -9,7 +9,9 @@ Rules follow LongBench (THUDM/LongBench pred.py + eval.py): prompt budget from
 config/model2maxlen.json, prompt truncated in the middle, chat formatting except for few-shot and
 code tasks, greedy decoding with dataset2maxlen new tokens, LongBench's metrics. Results go to
 ``<output_dir>/<model>/<longbench|longbench_e>/<method>/<dataset>/`` (predictions.jsonl,
-result.json); reruns resume. Data parallel: ``torchrun --nproc_per_node N longbench.py ...``.
+result.json); reruns resume (refused when settings.json, which holds the data's hash, differs), and
+the run writing a directory locks it against a second one. Data parallel:
+``torchrun --nproc_per_node N longbench.py ...``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import stdlib_tasks
-from longbench_eval import data, distributed, generation, prompting, records, scoring, tables
+from longbench_eval import data, distributed, generation, prompting, records, scoring, tables, tokenization
 from longbench_eval.methods import method_config, parse_method
 from models import METHODS, QJLConfig
 from models.pretrained import SMOLLM2, SMOLLM2_LAYERS, SMOLLM2_NAME, smollm2_gguf
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=None, help="prompt token budget (default: model2maxlen)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="override dataset2maxlen (not official)")
     p.add_argument("--chat_format", default="auto", choices=prompting.CHAT_FORMATS)
+    p.add_argument("--tokenizer", default="slow", choices=tokenization.TOKENIZER_KINDS,
+                   help="slow: the sentencepiece tokenizer (tokenizer.model), as LongBench and the original QJL "
+                   "driver load it; fast: transformers' converted one (models without tokenizer.model have only that)")
     p.add_argument("--device_map", default=None, help="e.g. 'auto': spread the model over GPUs (accelerate)")
     return p
 
@@ -84,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.model_name:
         parser.error("--model_name is required (e.g. longchat-v1.5-7b-32k or a local model directory)")
     args.method = [m for item in args.method for m in item.split(",") if m]
+    if not args.method:
+        parser.error("--method names no method")
     for method in args.method:
         try:
             parse_method(method)
@@ -126,8 +133,28 @@ def offline_default_argv() -> list[str]:
     ]  # fmt: skip
 
 
+def read_qjl_config(path: Path) -> QJLConfig:
+    """A --qjl_config preset; ValueError naming the file (and line) for a missing or malformed one."""
+    try:
+        preset = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"--qjl_config {path}: no such file (presets live in config/, e.g. config/qjl_paper_llama2.json)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--qjl_config {path}: cannot read it ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: --qjl_config is not valid JSON ({e.msg})") from e
+    if not isinstance(preset, dict):
+        raise ValueError(f"{path}: --qjl_config needs a JSON object of QJLConfig fields, not a {type(preset).__name__}")
+    try:
+        return QJLConfig.from_json(path)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
+
+
 def qjl_config_from_args(args: argparse.Namespace) -> QJLConfig:
-    base = QJLConfig.from_json(args.qjl_config) if args.qjl_config else QJLConfig()
+    base = read_qjl_config(Path(args.qjl_config)) if args.qjl_config else QJLConfig()
     overrides = {f: getattr(args, f) for f in QJL_FLAGS if getattr(args, f) is not None}
     return dataclasses.replace(base, **overrides)
 
@@ -276,18 +303,21 @@ def run(args: argparse.Namespace) -> dict:
     (empty dict on other ranks)."""
     ctx = distributed.init_distributed()
     try:
-        try:
-            plan = prepare(args, ctx)
-        except (ValueError, data.DataUnavailableError) as e:
-            raise SetupError(str(e)) from e
-        return execute(plan, ctx)
+        with contextlib.ExitStack() as locks:  # the output directories' locks, released on the way out
+            try:
+                plan = prepare(args, ctx, locks)
+            except (ValueError, data.DataUnavailableError) as e:
+                raise SetupError(str(e)) from e
+            return execute(plan, ctx)
     finally:
         distributed.shutdown(ctx)
 
 
-def prepare(args: argparse.Namespace, ctx: distributed.DistContext) -> Plan:
-    """Everything that can fail on user input, before the first generation: tables, data, model,
-    prompt budget, chat format, method availability, output directories."""
+def prepare(args: argparse.Namespace, ctx: distributed.DistContext, locks: contextlib.ExitStack) -> Plan:
+    """Everything that can fail on user input, before the first generation. Before the model
+    loads: tables, QJL configuration, data (every row checked and hashed), the model's path, the
+    output directories (locked, which also proves them writable) and the data recorded there.
+    Then the model, prompt budget, chat format, every method's cache, the full settings."""
     lb = tables.load_tables()
     datasets = tables.select_datasets(args.dataset_name, args.longbench_e)
     qjl_config = qjl_config_from_args(args)
@@ -297,47 +327,83 @@ def prepare(args: argparse.Namespace, ctx: distributed.DistContext) -> Plan:
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise ValueError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     # Load the data first: a missing file should fail before minutes of model loading.
-    examples = {d: data.load_examples(d, longbench_e=args.longbench_e, data_dir=args.data_dir, n_data=args.n_data)
-                for d in datasets}  # fmt: skip
+    loaded = {d: data.load_data(d, longbench_e=args.longbench_e, data_dir=args.data_dir, n_data=args.n_data)
+              for d in datasets}  # fmt: skip
+    examples = {d: loaded[d].examples for d in datasets}
     spec = tables.resolve_model(args.model_name, lb.model2path)
+    generation.check_model_source(spec.path)
+    bench = "longbench_e" if args.longbench_e else "longbench"
+    directories = {(m, d): Path(args.output_dir) / spec.key / bench / m / d for m in args.method for d in datasets}
+    # Rank 0 locks every requested directory for the whole run (all ranks write under its lock); a
+    # refusal stops every rank. Methods that turn out unable to run give theirs back below.
+    held, error = {}, None
+    if ctx.is_main:
+        try:
+            for key, directory in directories.items():
+                held[key] = locks.enter_context(records.DirectoryLock(directory))
+        except ValueError as e:
+            error = str(e)
+    if error := distributed.first_error(ctx, error):
+        raise ValueError(error)
+    for (method, dataset), directory in directories.items():
+        records.check_settings(directory, loaded[dataset].settings(), partial=True)
+        records.load_done(directory)  # a corrupt prediction file: now, not after the model loads
     device = torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    model, tokenizer = generation.load_model_and_tokenizer(spec.path, args.dtype, device, args.device_map)
+    try:
+        model, tokenizer = generation.load_model_and_tokenizer(spec.path, args.dtype, device, args.device_map,
+                                                               args.tokenizer)  # fmt: skip
+    except OSError as e:  # not on the hub, offline, unreadable files
+        raise ValueError(f"cannot load model {spec.path!r}: {e}") from e
     max_length, budget_source = tables.prompt_budget(
         spec, lb.model2maxlen, getattr(model.config, "max_position_embeddings", None), args.max_length
     )
     chat_format = prompting.resolve_chat_format(args.chat_format, tokenizer, spec.names)
-    skipped = {}
+    tokenizer_kind = tokenization.tokenizer_kind(tokenizer)  # what was loaded: slow falls back to fast
+    # Every method's cache is built once for this model before the first generation: a missing
+    # backend skips the method, a configuration the model cannot take (head_dim, group size) stops
+    # the run, naming every such method.
+    skipped, unusable = {}, []
     for method in args.method:
         base, config = method_config(method, qjl_config)
-        if why := generation.unavailable_reason(base, model.config, config):
-            skipped[method] = why
+        try:
+            if why := generation.unavailable_reason(base, model.config, config):
+                skipped[method] = why
+        except ValueError as e:
+            unusable.append(f"{method}: {e}")
+    if unusable:
+        raise ValueError(f"method(s) that cannot run on {spec.key}: {'; '.join(unusable)}")
+    for (method, _), lock in held.items():
+        if method in skipped:
+            lock.release(remove=True)
     methods = [m for m in args.method if m not in skipped]
     attention = generation.attention_implementation()
     if ctx.is_main:
         shown = SMOLLM2_NAME if spec.path == SMOLLM2 else spec.path
         print(f"model {spec.key} ({shown}), attention {attention}, prompt budget {max_length} tokens "
-              f"({budget_source}), chat format {chat_format}")  # fmt: skip
+              f"({budget_source}), chat format {chat_format}, tokenizer {tokenizer_kind}")  # fmt: skip
+        if args.tokenizer != tokenizer_kind:
+            print(f"--tokenizer {args.tokenizer}: {shown} has no sentencepiece {tokenization.SENTENCEPIECE_MODEL}; "
+                  f"using its only tokenizer ({type(tokenizer).__name__})")  # fmt: skip
         for m, why in skipped.items():
             print(f"skipping method {m}: {why}")
     if not methods:
         raise SystemExit(f"no requested method can run here: {skipped}")
-    bench = "longbench_e" if args.longbench_e else "longbench"
-    max_new = {d: args.max_new_tokens or lb.dataset2maxlen[d] for d in datasets}
+    max_new = {d: lb.dataset2maxlen[d] if args.max_new_tokens is None else args.max_new_tokens for d in datasets}
     run_info = {"model": spec, "bench": bench, "longbench_e": args.longbench_e, "max_length": max_length,
                 "chat_format": chat_format, "max_new_tokens": max_new, "prompt_format": lb.dataset2prompt,
                 "attention": attention}  # fmt: skip
-    directories = {}
     for method in methods:
         for dataset in datasets:
-            directory = Path(args.output_dir) / spec.key / bench / method / dataset
+            directory = directories[(method, dataset)]
             settings = {
                 "model_path": spec.path, "dtype": args.dtype, "method": method, "max_length": max_length,
-                "max_new_tokens": max_new[dataset], "chat_format": chat_format,
+                "max_new_tokens": max_new[dataset], "chat_format": chat_format, "tokenizer": tokenizer_kind,
                 "prompt_format": lb.dataset2prompt[dataset],
                 "qjl_config": None if method == "exact" else method_config(method, qjl_config)[1].to_dict(),
+                **loaded[dataset].settings(),
             }  # fmt: skip
             records.check_settings(directory, settings)
-            directories[(method, dataset)] = directory
+    directories = {key: directory for key, directory in directories.items() if key[0] in methods}
     return Plan(spec, model, tokenizer, qjl_config, datasets, examples, methods, skipped, run_info, directories)
 
 

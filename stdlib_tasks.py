@@ -4,7 +4,8 @@ real pretrained model (SmolLM2-135M-Instruct, ``models/pretrained.py``).
 
 - ``stdlib_lcc``: LongBench's ``lcc`` (code completion) on standard-library files: the context is
   a file's text up to a seeded random line (its last ``chars`` characters, from a line start), the
-  answer is the next non-empty line; LongBench's lcc prompt and ``code_sim_score``.
+  answer is the next non-empty line (cuts before a line that ``code_sim_score`` could never match,
+  holding ``#``, a backquote or ``//``, are skipped); LongBench's lcc prompt and ``code_sim_score``.
 - ``stdlib_niah``: RULER's single needle in a haystack (``niah_single``) with real code as the
   haystack: a stretch of standard-library source starting at a seeded random line, with one line
   "# One of the special magic numbers for <word> is: <7-digit number>." inserted at a random line
@@ -47,6 +48,9 @@ NEEDLE_KEYS = (
     "cobalt", "dragon", "garnet", "helmet", "igloo", "jigsaw", "kayak", "ladder", "magnet", "napkin",
 )  # fmt: skip
 MULTIKEY_NEEDLES = 4
+# code_sim_score compares the answer with the first prediction line holding none of these, so an
+# answer holding one could never be matched: such cuts are skipped.
+_LCC_SKIPPED = ("#", "`", "//")
 _NEEDLE = "# One of the special magic numbers for {key} is: {value}."
 _QUESTION = (
     "What is the special magic number for {key} mentioned in the provided text? "
@@ -86,7 +90,7 @@ def make_lcc_example(rng: np.random.Generator, chars: int) -> dict:
     sources = [(name, lines) for name, lines in _sources() if sum(len(line) + 1 for line in lines) > chars + 200]
     if not sources:
         raise ValueError(f"no standard-library file is longer than {chars} characters")
-    while True:
+    for _ in range(10_000):
         name, lines = sources[int(rng.integers(len(sources)))]
         ends = np.cumsum([len(line) + 1 for line in lines])  # ends[i]: characters of lines[: i + 1]
         first_cut = int(np.searchsorted(ends, chars)) + 1  # the prefix before the cut holds >= chars
@@ -94,7 +98,7 @@ def make_lcc_example(rng: np.random.Generator, chars: int) -> dict:
             continue
         cut = int(rng.integers(first_cut, len(lines)))
         answer = next((line.rstrip() for line in lines[cut:] if line.strip()), None)
-        if answer is None:
+        if answer is None or any(marker in answer for marker in _LCC_SKIPPED):
             continue
         prefix = "\n".join(lines[:cut]) + "\n"
         start = len(prefix) - chars
@@ -102,6 +106,7 @@ def make_lcc_example(rng: np.random.Generator, chars: int) -> dict:
             start = prefix.index("\n", start) + 1  # begin at a line start
         first_line = prefix.count("\n", 0, start) + 1
         return _record(prefix[start:], "", answer, f"{name}:{first_line}")
+    raise ValueError(f"found no code line to complete after {chars} characters of a standard-library file")
 
 
 def make_niah_example(rng: np.random.Generator, chars: int, needles: int = 1) -> dict:

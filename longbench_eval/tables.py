@@ -51,6 +51,16 @@ def synthetic_datasets(config_dir: str | Path = CONFIG_DIR) -> tuple[str, ...]:
     return tuple(_read(Path(config_dir), "synthetic_dataset2prompt"))
 
 
+def project_task_command(name: str, config_dir: str | Path = CONFIG_DIR) -> str | None:
+    """The command that writes the jsonl file of one of the project's own tasks (``name`` a dataset
+    or its ``_e`` config name), or None for LongBench's datasets: these tasks are not on the hub."""
+    if name not in synthetic_datasets(config_dir):
+        return None
+    if name.startswith("stdlib_"):
+        return "python stdlib_tasks.py --out_dir data/stdlib"
+    return "python synthetic_tasks.py --out_dir data/synthetic"
+
+
 def load_tables(config_dir: str | Path = CONFIG_DIR) -> Tables:
     """LongBench's tables, with the synthetic tasks' prompt and max-new-token entries merged in."""
     config_dir = Path(config_dir)
@@ -81,6 +91,8 @@ def select_datasets(requested: list[str] | None, longbench_e: bool) -> list[str]
                     raise ValueError(f"unknown {bench} dataset {expanded!r}; choose from: {choices}")
                 if expanded not in names:
                     names.append(expanded)
+    if not names:
+        raise ValueError(f"--dataset_name {' '.join(requested or [])!r} names no dataset; give 'all' or dataset names")
     return names
 
 

@@ -58,6 +58,7 @@ def test_lcc_context_is_the_file_before_the_cut_and_the_answer_its_next_line():
         assert lines[first - 1 : first - 1 + len(context_lines)] == context_lines
         after = lines[first - 1 + len(context_lines) :]
         assert r["answers"] == [next(line.rstrip() for line in after if line.strip())]
+        assert not any(marker in r["answers"][0] for marker in ("#", "`", "//"))
 
 
 def test_needles_sit_in_real_code_and_the_question_asks_for_one_of_them():

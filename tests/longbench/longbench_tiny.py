@@ -86,3 +86,61 @@ def write_longbench_data(directory: Path, datasets: dict[str, int], longbench_e:
             for i in range(n):
                 f.write(json.dumps(_example(i, dataset, (1000, 5000, 9000)[i % 3])) + "\n")
     return directory
+
+
+def sentencepiece_corpus() -> list[str]:
+    """A few KB of training lines: LongBench's templates, the vicuna system message, and prose,
+    code and Chinese built from fixed words (deterministic)."""
+    from longbench_eval import prompting, tables
+
+    words = ("the story of a quick brown fox who reads long documents and answers questions about "
+             "passages paragraphs code numbers summary dialogue").split()  # fmt: skip
+    lines = [*tables.load_tables().dataset2prompt.values(), prompting.VICUNA_SYSTEM]
+    for i in range(60):
+        lines.append(" ".join(words[(i * 7 + k) % len(words)] for k in range(8 + i % 9)) + f" {i * 37}.")
+        lines.append(f"def f{i}(x):\n    return x  +  {i}\n\tpass")
+    lines += ["长文本的问题和答案。", "请阅读以下文字并回答问题。"] * 5
+    return [line for text in lines for line in text.splitlines() if line.strip()]
+
+
+def save_sentencepiece_tokenizer(path: Path, legacy: bool | None = None, vocab_size: int = 700) -> Path:
+    """A Llama-style tokenizer directory (tokenizer.model + tokenizer_config.json, no
+    tokenizer.json: as lmsys/longchat-7b-v1.5-32k ships) with a tiny sentencepiece BPE model
+    trained here with Llama's options: byte fallback, digits split, whitespace kept as is
+    (identity normalization), dummy prefix, <unk>/<s>/</s> = 0/1/2."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentencepiece_corpus()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.9995, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}  # fmt: skip
+    if legacy is not None:
+        config["legacy"] = legacy
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def save_tiny_sentencepiece_model(path: Path) -> Path:
+    """:func:`save_tiny_model`'s random Llama with the sentencepiece tokenizer of
+    :func:`save_sentencepiece_tokenizer` (the layout of a longchat / Llama-2 directory)."""
+    import sentencepiece as spm
+
+    save_sentencepiece_tokenizer(path)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).get_piece_size()
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, vocab_size=vocab_size, max_position_embeddings=1024, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

