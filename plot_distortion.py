@@ -1,16 +1,27 @@
-"""Relative error of QJL attention scores against sketch bits per channel (m/d = 1..8), with and
-without outlier handling.
+"""Relative error of QJL attention scores against sketch bits per channel (m/d = 1..8).
 
-Keys and queries come from a model run (``--model``: any local causal LM directory, e.g. the
-embedded ``tinylm/model``, or a real Llama; post-RoPE, captured per layer) or from synthetic keys
-with planted outlier channels (``--source synthetic``, the default when no model is given).
-The error of a score is ``|estimate - <q, k>| / (||q|| ||k||)``, averaged over query/key pairs.
+``--variant ours`` (default): with and without outlier handling, on keys and queries from a model
+run on random token ids (``--model``: any local causal LM directory, e.g. the embedded
+``tinylm/model``, or a real Llama; post-RoPE, captured per layer) or on synthetic keys with planted
+outlier channels (``--source synthetic``, the default when no model is given). The error of a
+score is ``|estimate - <q, k>| / (||q|| ||k||)``, averaged over query/key pairs and layers.
+
+``--variant original``: the original code's plot. Real text (``--tokens`` tokens of the Python
+standard library's sources) runs through a pretrained model (``--model``, default ``smollm2``:
+SmolLM2-135M-Instruct, offline); for each of its layers 0, 1, 2, 4, 8, 16, 31 of Llama-2-7B (mapped
+to the same relative depth of a model of L layers, ``round(l * (L - 1) / 31)``: 0, 1, 2, 4, 7, 15, 29
+on SmolLM2's 30) one curve of ``||s_hat - q K^T|| / ||q K^T||``, where ``q`` is the last query,
+``s_hat`` its QJL scores over all keys of the layer (every head pooled; complete blocks of
+``--buffer_size`` keys sketched, the rest exact), with m = 64..512, no outliers, keys and queries
+rounded to bfloat16.
 
     python plot_distortion.py                                  # synthetic keys, < 30 s on a CPU
     python plot_distortion.py --model tinylm/model --layers 0 1 2
     python plot_distortion.py --model /models/Llama-2-7b-hf --layers 0 15 31 --tokens 2048
+    python plot_distortion.py --variant original               # SmolLM2 on real text, ~1 min on a CPU
 
-Writes ``<output_dir>/distortion_<source>.json`` and ``.png`` and prints the table.
+Writes ``<output_dir>/distortion_<source>.json`` and ``.png`` (the original variant:
+``distortion_<model>``) and prints the table.
 """
 
 from __future__ import annotations
@@ -22,9 +33,12 @@ import torch
 
 from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
-from models.distortion import score_distortion, synthetic_keys
+from models.distortion import (ORIGINAL_LAYERS, last_query_distortion, map_layer, map_layers, score_distortion,
+                                synthetic_keys)
 
 BITS_PER_CHANNEL = (1, 2, 3, 4, 5, 6, 7, 8)
+ORIGINAL_SKETCH_DIMS = tuple(64 * i for i in range(1, 9))  # the original's m, whatever d is
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def synthetic_heads(tokens: int, head_dim: int, queries: int, seed: int):
@@ -46,6 +60,47 @@ def model_heads(path: str, tokens: int, layers: list[int] | None, seed: int):
     return {i: records[i] for i in (layers if layers is not None else sorted(records))}
 
 
+def text_model_heads(name: str, tokens: int, layers: list[int] | None):
+    """Post-RoPE queries and keys of a pretrained model (``"smollm2"`` or a local path) on the first
+    ``tokens`` tokens of the standard library's sources; ``(records by layer, number of layers)``.
+    Without ``layers``: the original's layers, mapped to the model's depth."""
+    from models.capture import capture_queries_keys
+    from models.pretrained import load_causal_lm
+    from real_text import stdlib_text
+
+    model, tokenizer = load_causal_lm(name, attn_implementation="sdpa")
+    ids = tokenizer(stdlib_text(8 * tokens), return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"the standard library's sources gave only {ids.shape[1]} tokens, fewer than {tokens}")
+    num_layers = model.config.num_hidden_layers
+    records = capture_queries_keys(model, ids)
+    chosen = layers if layers is not None else map_layers(ORIGINAL_LAYERS, num_layers)
+    missing = sorted(set(chosen) - set(records))
+    if missing:
+        raise ValueError(f"--layers {missing} not in the model's {num_layers} layers")
+    return {i: records[i] for i in chosen}, num_layers
+
+
+def original_curves(heads: dict, sketch_dims, dtype: torch.dtype, buffer_size: int, group_size: int,
+                    seed: int) -> dict[int, list[float]]:
+    """Per layer, the original's distortion at each sketch size (one sketch per m, shared by layers)."""
+    curves = {layer: [] for layer in heads}
+    for m in sketch_dims:
+        sketch = QJLSketch(next(iter(heads.values()))[1].shape[-1], m, seed=seed)
+        for layer, (q, k) in heads.items():
+            curves[layer].append(last_query_distortion(q.to(dtype), k.to(dtype), sketch, buffer_size=buffer_size,
+                                                       group_size=group_size))
+    return curves
+
+
+def layer_label(layer: int, num_layers: int) -> str:
+    """``layer 7 (orig. 8)`` when ``layer`` is the image of one of the original's layers."""
+    sources = [ref for ref in ORIGINAL_LAYERS if map_layer(ref, num_layers) == layer]
+    if num_layers == 32 or not sources:
+        return f"layer {layer}"
+    return f"layer {layer} (orig. {'/'.join(map(str, sources))})"
+
+
 def layer_errors(queries, keys, m: int, outliers: int, group_size: int, seed: int, max_queries: int) -> float:
     """Mean error over KV heads of one layer; queries ``[1, H_q, T, d]``, keys ``[1, H_kv, T, d]``."""
     kv_heads, tokens, dim = keys.shape[1], keys.shape[2], keys.shape[3]
@@ -63,17 +118,33 @@ def layer_errors(queries, keys, m: int, outliers: int, group_size: int, seed: in
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local causal LM directory; keys/queries are captured from it")
-    parser.add_argument("--source", choices=("synthetic", "model"), help="default: model if --model is given")
-    parser.add_argument("--layers", type=non_negative_int, nargs="+", help="layers to average (default: all)")
-    parser.add_argument("--tokens", type=positive_int, default=1024, help="tokens of keys per layer")
-    parser.add_argument("--queries", type=positive_int, default=64, help="queries per head (the last ones)")
+    parser.add_argument("--variant", choices=("ours", "original"), default="ours",
+                        help="ours: mean per-score error (synthetic or random-id keys); original: the original "
+                             "code's plot on real text through a pretrained model")
+    parser.add_argument("--model", help="ours: local causal LM directory; original: 'smollm2' (default) or a path")
+    parser.add_argument("--source", choices=("synthetic", "model"), help="ours only; default: model if --model")
+    parser.add_argument("--layers", type=non_negative_int, nargs="+",
+                        help="ours: layers to average (default: all); original: layers to plot (default: the "
+                             "original's 0 1 2 4 8 16 31 mapped to the model's depth)")
+    parser.add_argument("--tokens", type=positive_int, help="tokens of keys per layer (default: 1024 ours, 2048 "
+                                                            "original)")
+    parser.add_argument("--queries", type=positive_int, default=64, help="ours: queries per head (the last ones)")
     parser.add_argument("--head_dim", type=positive_int, default=128, help="synthetic keys only")
-    parser.add_argument("--outlier_count", type=non_negative_int, default=8)
+    parser.add_argument("--outlier_count", type=non_negative_int, default=8, help="ours only (original: none)")
     parser.add_argument("--group_size", type=positive_int, default=32)
+    parser.add_argument("--buffer_size", type=positive_int, default=128,
+                        help="original: the last tokens %% buffer_size keys stay exact")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="original: keys and queries are rounded to it (the original's bfloat16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="results/distortion")
     args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 2048 if args.variant == "original" else 1024
+    if args.variant == "original":
+        if args.buffer_size % args.group_size or args.tokens < args.buffer_size:
+            parser.error(f"need --buffer_size a multiple of --group_size ({args.group_size}) and at most --tokens")
+        return original_main(args)
     source = args.source if args.source is not None else ("model" if args.model else "synthetic")
     if source == "model" and not args.model:
         parser.error("--source model needs --model PATH")
@@ -105,6 +176,37 @@ def main(argv=None) -> dict:
                 log2_x=False, logy=True)
     print(f"QJL score distortion ({name}, layers {sorted(heads)}, d = {dim}):")
     print(format_table("m/d", list(BITS_PER_CHANNEL), curves))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return data
+
+
+def original_main(args) -> dict:
+    name = args.model or "smollm2"
+    heads, num_layers = text_model_heads(name, args.tokens, args.layers)
+    dim = next(iter(heads.values()))[1].shape[-1]
+    curves = original_curves(heads, ORIGINAL_SKETCH_DIMS, DTYPES[args.dtype], args.buffer_size, args.group_size,
+                             args.seed)
+    x = [m / dim for m in ORIGINAL_SKETCH_DIMS]
+    labels = {layer: layer_label(layer, num_layers) for layer in heads}
+    model_name = Path(name).name
+    stem = Path(args.output_dir) / f"distortion_{model_name}"
+    mapping = ""
+    if args.layers is None and num_layers != 32:
+        mapping = (f"the original's layers {list(ORIGINAL_LAYERS)} of 32 mapped to {num_layers} "
+                   f"by round(l * {num_layers - 1} / 31)")
+    data = dict(variant="original", model=name, num_layers=num_layers, layers=list(heads), layer_mapping=mapping,
+                text="Python standard-library sources (real_text.stdlib_text)", tokens=args.tokens, head_dim=dim,
+                sketch_dims=list(ORIGINAL_SKETCH_DIMS), bits_per_channel=x, outlier_count=0,
+                buffer_size=args.buffer_size, group_size=args.group_size, dtype=args.dtype,
+                metric="||s_hat - q K^T|| / ||q K^T||, q = last query, all heads of the layer",
+                results={labels[layer]: values for layer, values in curves.items()})
+    write_json(stem.with_suffix(".json"), data)
+    plot_panels(stem.with_suffix(".png"), x, [("||s_hat - q K^T|| / ||q K^T||", data["results"])],
+                xlabel="sketch bits per channel (m / d)", log2_x=False, logy=True,
+                title=f"{model_name}: last query, {args.tokens} tokens, no outliers")
+    print(f"QJL distortion of the last query's scores ({model_name}, {args.tokens} tokens of real text, d = {dim}, "
+          f"{args.dtype}, no outliers)" + (f"; {mapping}" if mapping else "") + ":")
+    print(format_table("m/d", [f"{v:g}" for v in x], data["results"]))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return data
 

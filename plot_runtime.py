@@ -4,8 +4,17 @@ Random-weight models built from configs (no downloads), run through one harness:
 encode = prefill of the prompt + quantization of the cache; decode = ``new_tokens`` greedy
 steps; median of ``repeats`` runs with device-synchronized timers (CUDA events on GPU).
 
+``--variant`` picks the QJL settings: ``original`` (default) is the original code's runtime plot,
+one layer that falls in its 15 "initial layers" and so is sketched with m = 160
+(``config/qjl_runtime_llama3_original.json``); ``ours`` sketches it with the general m = 256
+(``config/qjl_runtime_llama3.json``). Both: no outliers, 2-bit values, group 32, buffer 128.
+The llama3-8b preset has the rest of the original's settings (bf16, 2^9..2^16 tokens, 64 new
+tokens, median of 10); the original counts the prefill's token among its 64 and times only exact
+and QJL.
+
     python plot_runtime.py                       # CPU: tiny model, 256..2048 tokens, < 1 minute
     python plot_runtime.py --preset llama3-8b    # GPU: the paper's sweep 2^9..2^16 (Fig. 3)
+    python plot_runtime.py --preset llama3-8b --variant ours
     python plot_runtime.py --preset llama2-7b --max_len 131072
 
 Writes ``<output_dir>/runtime_<preset>.json`` and ``.png`` and prints the table.
@@ -47,7 +56,14 @@ PRESETS = {
         dtype="float32", new_tokens=8,
     ),
 }
-DEFAULT_QJL_CONFIG = ROOT / "config" / "qjl_runtime_llama3.json"
+ORIGINAL_QJL_CONFIG = ROOT / "config" / "qjl_runtime_llama3_original.json"  # its one layer: m = 160
+OURS_QJL_CONFIG = ROOT / "config" / "qjl_runtime_llama3.json"  # its one layer: m = 256
+DEFAULT_QJL_CONFIG = ORIGINAL_QJL_CONFIG
+# --variant: the QJL preset and decoder-layer count each setting implies (flags given explicitly win)
+VARIANTS = {
+    "original": dict(qjl_config=ORIGINAL_QJL_CONFIG, num_layers=1),
+    "ours": dict(qjl_config=OURS_QJL_CONFIG, num_layers=1),
+}
 
 
 def build_model(preset: str, num_layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -126,12 +142,20 @@ def sweep(model, methods, qjl_config, lengths, new_tokens, repeats, *, progress=
     return results
 
 
-def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048):
-    """Arguments shared with plot_memory_peak.py; defaults depend on the device."""
+def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048, variants: dict = VARIANTS,
+               default_variant: tuple[str, str] = ("original", "original")):
+    """Arguments shared with plot_memory_peak.py; defaults depend on the device.
+
+    ``variants`` maps each ``--variant`` to the ``qjl_config`` and ``num_layers`` it implies;
+    ``default_variant`` is the ``(CPU, GPU)`` default."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny on CPU, llama3-8b on GPU")
+    implied = "; ".join(f"{name}: {v['num_layers']} layer(s), {Path(v['qjl_config']).name}"
+                        for name, v in variants.items())
+    parser.add_argument("--variant", choices=sorted(variants),
+                        help=f"{implied} (default: {default_variant[0]} on CPU, {default_variant[1]} on GPU)")
     parser.add_argument("--methods", nargs="+", default=["exact", "qjl", "kivi"], choices=models.METHODS)
-    parser.add_argument("--num_layers", type=positive_int, default=1, help="decoder layers (the paper: 1)")
+    parser.add_argument("--num_layers", type=positive_int, help="decoder layers (default: the variant's)")
     parser.add_argument("--min_len", type=positive_int, help="default: 256 on CPU, 512 on GPU")
     parser.add_argument("--max_len", type=positive_int,
                         help=f"default: {cpu_max_len} on CPU, 65536 on GPU (up to 131072)")
@@ -139,16 +163,19 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     parser.add_argument("--repeats", type=positive_int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the preset's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--qjl_config", default=str(DEFAULT_QJL_CONFIG), help="QJLConfig preset JSON")
+    parser.add_argument("--qjl_config", help="QJLConfig preset JSON (default: the variant's)")
     parser.add_argument("--output_dir", default="results/runtime")
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     # Fill only what was not given (None): a given value, 0 included, is the user's.
-    defaults = dict(preset="llama3-8b" if gpu else "tiny", min_len=512 if gpu else 256,
-                    max_len=65536 if gpu else cpu_max_len, repeats=10 if gpu else 3)
+    defaults = dict(preset="llama3-8b" if gpu else "tiny", variant=default_variant[int(gpu)],
+                    min_len=512 if gpu else 256, max_len=65536 if gpu else cpu_max_len, repeats=10 if gpu else 3)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for name, value in variants[args.variant].items():
+        if getattr(args, name) is None:
+            setattr(args, name, str(value) if name == "qjl_config" else value)
     for name in ("new_tokens", "dtype"):
         if getattr(args, name) is None:
             setattr(args, name, PRESETS[args.preset][name])
@@ -167,20 +194,23 @@ def main(argv=None) -> dict:
     model = build_model(args.preset, args.num_layers, device, dtype)
     lengths = lengths_between(args.min_len, args.max_len)
     backend = qjl_kernel.backend_for(torch.empty(0, device=device))
-    print(f"runtime sweep: preset {args.preset}, {args.num_layers} layer(s), {args.dtype}, {device}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}, QJL ops backend: {backend}")
+    sketch_dims = [qjl_config.layer_budget(i).sketch_dim for i in range(args.num_layers)]  # m per layer
+    print(f"runtime sweep: preset {args.preset}, variant {args.variant} (QJL m = {sorted(set(sketch_dims))}), "
+          f"{args.num_layers} layer(s), {args.dtype}, {device}, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}, QJL ops backend: {backend}")
     results = sweep(model, args.methods, qjl_config, lengths, args.new_tokens, args.repeats)
 
     stem = Path(args.output_dir) / f"runtime_{args.preset}"
-    data = dict(preset=args.preset, num_layers=args.num_layers, dtype=args.dtype, device=str(device),
-                backend=backend, new_tokens=args.new_tokens, repeats=args.repeats, lengths=lengths,
-                qjl_config=qjl_config.to_dict(), results=results)
+    data = dict(preset=args.preset, variant=args.variant, num_layers=args.num_layers, dtype=args.dtype,
+                device=str(device), backend=backend, qjl_sketch_dims=sketch_dims, new_tokens=args.new_tokens,
+                repeats=args.repeats, lengths=lengths, qjl_config=qjl_config.to_dict(), results=results)
     write_json(stem.with_suffix(".json"), data)
     panels = [(f"{label} (s)", {m: results[m][key] for m in args.methods})
               for label, key in (("encode + quantize", "encode_s"), (f"decode {args.new_tokens} tokens", "decode_s"),
                                  ("total", "total_s"))]
     plot_panels(stem.with_suffix(".png"), lengths, panels, xlabel="prompt tokens",
-                title=f"{args.preset}, {args.num_layers} layer(s), {args.dtype}, {device.type} ({backend} ops)")
+                title=f"{args.preset}, {args.variant} (QJL m = {sorted(set(sketch_dims))}), "
+                      f"{args.num_layers} layer(s), {args.dtype}, {device.type} ({backend} ops)")
     for label, key in (("encode s", "encode_s"), ("decode s", "decode_s"), ("total s", "total_s")):
         print(f"\n{label}:")
         print(format_table("tokens", lengths, {m: results[m][key] for m in args.methods}))

@@ -1,15 +1,19 @@
 """The figure scripts' CPU defaults, and the timer discipline they rely on."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import models
 import plot_distortion
 import plot_memory_peak
 import plot_runtime
 from figures import DeviceTimer
+from models.distortion import (ORIGINAL_LAYERS, last_query_distortion, last_query_scores, map_layers,
+                               relative_l2_error)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,5 +125,128 @@ def test_given_knobs_are_kept_and_missing_ones_defaulted():
     assert (args.repeats, args.new_tokens, args.min_len, args.max_len) == (1, 2, 16, 32)
     args = plot_runtime.parse_args(["--device", "cpu"])
     assert (args.preset, args.repeats, args.min_len, args.max_len) == ("tiny", 3, 256, 2048)
+    assert (args.variant, args.num_layers, args.qjl_config) == ("original", 1, str(plot_runtime.ORIGINAL_QJL_CONFIG))
     tiny = plot_runtime.PRESETS["tiny"]
     assert (args.new_tokens, args.dtype) == (tiny["new_tokens"], tiny["dtype"])
+
+
+# --- the original code's settings, offered as variants -------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # parse_args only reads the device's type
+def test_runtime_defaults_to_the_originals_single_layer_at_m_160(device):
+    args = plot_runtime.parse_args(["--device", device])
+    assert (args.variant, args.num_layers) == ("original", 1)
+    config = models.QJLConfig.from_json(args.qjl_config)
+    # the original sets 15 initial layers at 160 bits, so its only layer (index 0) gets m = 160
+    assert (config.initial_layers_count, config.key_quantization_bits_initial_layers) == (15, 160)
+    assert config.layer_budget(0) == models.LayerBudget(160, 0, 0)
+    assert (config.value_quantization_bits, config.group_size, config.buffer_size) == (2, 32, 128)
+    if device == "cuda":  # the rest of the original's runtime settings
+        assert (args.preset, args.dtype, args.new_tokens, args.repeats) == ("llama3-8b", "bfloat16", 64, 10)
+        assert plot_runtime.lengths_between(args.min_len, args.max_len) == [2**i for i in range(9, 17)]
+
+
+def test_runtime_ours_variant_and_explicit_flags_win():
+    args = plot_runtime.parse_args(["--device", "cpu", "--variant", "ours"])
+    assert models.QJLConfig.from_json(args.qjl_config).layer_budget(0) == models.LayerBudget(256, 0, 0)
+    paper = str(plot_runtime.ROOT / "config" / "qjl_paper_llama2.json")
+    args = plot_runtime.parse_args(["--device", "cpu", "--qjl_config", paper, "--num_layers", "2"])
+    assert (args.variant, args.qjl_config, args.num_layers) == ("original", paper, 2)
+
+
+def test_m_160_runs_through_the_cache():
+    model = plot_runtime.build_model("tiny", 1, torch.device("cpu"), torch.float32)
+    config = models.QJLConfig.from_json(plot_runtime.ORIGINAL_QJL_CONFIG)
+    cache = models.make_cache("qjl", model.config, config)
+    assert cache.layers[0].key_store.sketch.sketch_dim == 160
+    m = plot_runtime.measure(model, "qjl", config, 256, 1)
+    assert m.cache_bytes > 0
+
+
+def test_memory_original_variant_is_the_full_depth_budget():
+    gpu = plot_memory_peak.parse_args(["--device", "cuda"])
+    cpu = plot_memory_peak.parse_args(["--device", "cpu"])
+    assert (gpu.variant, gpu.num_layers, cpu.variant, cpu.num_layers) == ("original", 32, "ours", 1)
+    args = plot_memory_peak.parse_args(["--device", "cpu", "--variant", "original"])
+    assert args.num_layers == plot_memory_peak.FULL_DEPTH == 32
+    config = models.QJLConfig.from_json(args.qjl_config)
+    model = plot_runtime.build_model("tiny", args.num_layers, torch.device("cpu"), torch.float32)
+    cache = models.make_cache("qjl", model.config, config)
+    dims = [layer.key_store.sketch.sketch_dim for layer in cache.layers]
+    assert dims == [512] * 15 + [256] * 17
+    assert all(layer.key_store.budget.outlier_count == 0 for layer in cache.layers)
+    # one committed block (a 32-token buffer, to keep the run short) per layer: the 15 initial layers
+    # hold 512 sign bits per key, the others 256
+    short = dataclasses.replace(config, buffer_size=32)
+    full = plot_runtime.measure(model, "qjl", short, 32, 1).cache_bytes
+    flat = plot_runtime.measure(model, "qjl", dataclasses.replace(short, initial_layers_count=0), 32, 1).cache_bytes
+    assert full - flat == 15 * 32 * (512 - 256) // 8  # 15 layers x 1 KV head x 32 keys x 32 more bytes
+    ours = models.QJLConfig.from_json(cpu.qjl_config)
+    assert ours.layer_budget(0) == models.LayerBudget(256, 0, 0)
+
+
+def test_original_layers_are_mapped_by_relative_depth():
+    assert map_layers(ORIGINAL_LAYERS, 32) == [0, 1, 2, 4, 8, 16, 31]
+    assert map_layers(ORIGINAL_LAYERS, 30) == [0, 1, 2, 4, 7, 15, 29]  # round(l * 29 / 31)
+    assert map_layers(ORIGINAL_LAYERS, 2) == [0, 1]  # repeats dropped
+    assert plot_distortion.layer_label(7, 30) == "layer 7 (orig. 8)"
+
+
+def test_relative_l2_error_by_hand():
+    exact = torch.tensor([[3.0, -4.0]])
+    assert relative_l2_error(exact, exact) == 0.0
+    assert relative_l2_error(exact * 1.1, exact) == pytest.approx(0.1)
+    assert relative_l2_error(torch.tensor([[3.0, -1.0]]), exact) == pytest.approx(3.0 / 5.0)
+
+
+def _heads(q_heads, kv_heads, tokens, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, q_heads, tokens, dim, generator=gen), torch.randn(1, kv_heads, tokens, dim, generator=gen)
+
+
+def test_original_distortion_matches_a_hand_computation():
+    queries, keys = _heads(2, 1, 40, 8)  # GQA 2:1; 32 keys sketched (one buffer), the last 8 exact
+    sketch = models.QJLSketch(8, 16, seed=3)
+    s = sketch.projection.double()
+    q, k = queries[0, :, -1].double(), keys[0, 0].double()  # [2, 8], [40, 8]
+    k_hat = (torch.pi / 2) ** 0.5 / 16 * k.norm(dim=-1, keepdim=True) * (torch.sign(k @ s.T) @ s)
+    k_hat[32:] = k[32:]
+    expected = torch.linalg.norm(q @ k_hat.T - q @ k.T) / torch.linalg.norm(q @ k.T)
+    got = last_query_distortion(queries, keys, sketch, buffer_size=32, group_size=32)
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    estimate, exact = last_query_scores(queries, keys, sketch, buffer_size=32, group_size=32)
+    assert estimate.shape == exact.shape == (1, 2, 1, 40)
+    torch.testing.assert_close(estimate[..., 32:], exact[..., 32:])
+
+
+def test_original_distortion_is_zero_for_exact_keys_and_small_for_large_m():
+    queries, keys = _heads(2, 2, 256, 16, seed=1)
+    # fewer tokens than one buffer: every key stays exact, as in the cache
+    assert last_query_distortion(queries[:, :, :100], keys[:, :, :100], models.QJLSketch(16, 64)) == 0.0
+    small = last_query_distortion(queries, keys, models.QJLSketch(16, 16), buffer_size=128)
+    large = last_query_distortion(queries, keys, models.QJLSketch(16, 4096), buffer_size=128)
+    assert large < 0.1 < small and large < small / 8  # error ~ 1 / sqrt(m): 256x the bits, ~1/16 the error
+
+
+def test_distortion_original_variant_end_to_end(tmp_path, monkeypatch):
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    from models.capture import capture_queries_keys
+
+    def fake_heads(name, tokens, layers):  # a tiny random model in place of SmolLM2 on real text
+        assert (name, tokens, layers) == ("smollm2", 256, None)
+        ids = torch.randint(0, 64, (1, tokens), generator=torch.Generator().manual_seed(0))
+        records = capture_queries_keys(model, ids)
+        return {i: records[i] for i in map_layers(ORIGINAL_LAYERS, 3)}, 3
+
+    monkeypatch.setattr(plot_distortion, "text_model_heads", fake_heads)
+    data = plot_distortion.main(["--variant", "original", "--tokens", "256", "--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "distortion_smollm2")
+    assert data["layers"] == [0, 1, 2] and data["sketch_dims"] == [64 * i for i in range(1, 9)]
+    assert data["bits_per_channel"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert "round(l * 2 / 31)" in data["layer_mapping"]
+    for errors in data["results"].values():
+        assert errors[-1] < errors[0] / 2
