@@ -4,7 +4,8 @@ Counted per token and KV head (``d`` channels), for the quantized part of the ca
 residual buffers are a constant ``buffer_size`` tokens per layer and are reported separately as
 bytes held):
 
-- keys:   ``m`` inlier sign bits + ``m_o`` outlier sign bits + 2 norms (storage dtype)
+- keys:   ``m`` inlier sign bits + ``m_o`` outlier sign bits + 2 float32 norms (an fp16 norm
+          overflows for large keys, see :class:`models.QJLKeyStore`)
           + ``outlier_count`` uint8 indices shared by ``group_size`` tokens;
 - values: ``bits * d`` code bits + a scale and a min (storage dtype) per ``group_size`` channels;
           16-bit "values" are the exact storage dtype.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from .config import QJLConfig
 
 FP16_BITS = 16
+NORM_BITS = 32  # key norms are stored in float32 whatever the model's dtype
 OUTLIER_INDEX_BITS = 8
 
 
@@ -77,7 +79,8 @@ class BitReport:
         )
         lines.append(
             f"compression vs fp16 KV cache: {self.compression_vs_fp16:.3f}x "
-            f"(head_dim {self.head_dim}, norms/scales stored in {self.storage_bits} bits)"
+            f"(head_dim {self.head_dim}, key norms stored in {NORM_BITS} bits, "
+            f"value scales/mins in {self.storage_bits})"
         )
         return "\n".join(lines)
 
@@ -86,10 +89,9 @@ def _budget(layer: LayerBits) -> tuple:
     return (layer.sketch_dim, layer.outlier_count, layer.outlier_sketch_dim, layer.value_bits_per_channel)
 
 
-def key_bits_per_token(
-    sketch_dim: int, outlier_sketch_dim: int, outlier_count: int, group_size: int, storage_bits: int = FP16_BITS
-) -> float:
-    return sketch_dim + outlier_sketch_dim + 2 * storage_bits + outlier_count * OUTLIER_INDEX_BITS / group_size
+def key_bits_per_token(sketch_dim: int, outlier_sketch_dim: int, outlier_count: int, group_size: int) -> float:
+    # the model's dtype does not enter: key norms are float32 whatever it is
+    return sketch_dim + outlier_sketch_dim + 2 * NORM_BITS + outlier_count * OUTLIER_INDEX_BITS / group_size
 
 
 def value_bits_per_token(head_dim: int, bits: int, group_size: int, storage_bits: int = FP16_BITS) -> float:
@@ -106,7 +108,7 @@ def qjl_bit_report(config: QJLConfig, num_layers: int, head_dim: int, storage_bi
     for idx in range(num_layers):
         budget = config.layer_budget(idx)
         key_bits = key_bits_per_token(
-            budget.sketch_dim, budget.outlier_sketch_dim, budget.outlier_count, config.group_size, storage_bits
+            budget.sketch_dim, budget.outlier_sketch_dim, budget.outlier_count, config.group_size
         )
         layers.append(
             LayerBits(

@@ -2,7 +2,9 @@
 
 It runs every cache of this project: for a compressed cache (QJLCache, KIVICache) the layer's
 ``update`` returned a :class:`CompressedState` handle and the layer computes attention from its
-compressed state; for any other cache (DynamicCache, QuantizedCache, none) it is SDPA.
+compressed state; for any other cache (DynamicCache, QuantizedCache, the exact sliding-window
+layers of a compressed cache, none) it is SDPA, or the model's own eager attention when the model
+asks for a logit softcap (Gemma2) or attention sinks (GPT-OSS), which SDPA lacks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import ATTN_IMPLEMENTATION, CompressedState
+from .cache import ATTN_IMPLEMENTATION, CompressedState, eager_attention
 
 
 def qjl_attention_forward(
@@ -26,17 +28,18 @@ def qjl_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature; query ``[B, H_q, L, d]`` -> ``[B, L, H_q, d]``."""
-    if not isinstance(key, CompressedState):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    for unsupported in ("softcap", "s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"the {ATTN_IMPLEMENTATION!r} attention does not support {unsupported}")
-    if dropout:
-        raise NotImplementedError("compressed caches are for inference; attention dropout must be 0")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return key.layer.attend(module, query, attention_mask, scaling), None
+    if not isinstance(key, CompressedState):
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return eager_attention(module, query, key, value, attention_mask, scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"the {ATTN_IMPLEMENTATION!r} attention does not support position_bias")
+    if dropout:
+        raise NotImplementedError("compressed caches are for inference; attention dropout must be 0")
+    return key.layer.attend(module, query, attention_mask, scaling, **kwargs), None
 
 
 def register() -> None:

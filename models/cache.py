@@ -2,7 +2,8 @@
 
 Storage policy (both methods, docs/DESIGN.md sections 1 and 3): keys wait in an exact residual buffer and are
 committed in blocks of ``buffer_size`` tokens; the newest ``buffer_size`` values stay exact and
-older ones are quantized per token.
+older ones are quantized per token. Only full-attention layers are compressed: sliding-window
+layers keep their window exactly (:class:`ExactSlidingWindowLayer`).
 
 Semantics of a step of ``L`` new tokens at positions ``p0 .. p0 + L - 1``:
 - the first step (``p0 = 0``, the prompt) is exact attention (SDPA) over full-precision keys and
@@ -23,9 +24,11 @@ can be removed again (:meth:`CompressedLayer.crop`, used by assisted / speculati
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import Cache, PreTrainedConfig
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import qjl_kernel
@@ -102,6 +105,29 @@ def _masked_fill_value() -> float:
     return torch.finfo(torch.float32).min
 
 
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout: float = 0.0, **kwargs):
+    """Exact attention through the eager attention function of ``module``'s own modeling file
+    (what the model runs under ``attn_implementation="eager"``): it applies the model's logit
+    softcap (Gemma2: ``softcap``) and attention sinks (GPT-OSS: ``module.sinks``), which SDPA
+    lacks. Boolean masks (the ``"qjl"`` masks) become additive ones, and a missing mask (transformers
+    skips causal masks SDPA can infer) becomes the causal one. Returns ``([B, L, H_q, d], weights)``."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"{type(module).__name__} asks for a logit softcap or attention sinks, and its modeling file "
+            f"({type(module).__module__}) has no eager_attention_forward to compute them with"
+        )
+    length, total = query.shape[2], key.shape[2]
+    if attention_mask is None and length > 1:
+        positions = total - length + torch.arange(length, device=query.device)
+        attention_mask = torch.arange(total, device=query.device)[None, :] <= positions[:, None]
+        attention_mask = attention_mask[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        attention_mask = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 class CompressedLayer(CacheLayerMixin):
     """One decoder layer's compressed KV state: a key store and a value store."""
 
@@ -132,11 +158,22 @@ class CompressedLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        returns_handles = self._returns_handles()
+        if not returns_handles and key_states.shape[0] > 1:
+            # transformers hands update() no attention mask (5.17: nothing; 5.24: position_ids), so
+            # padding would enter outlier choice, norms and scales; the "qjl" attention sees the mask.
+            raise ValueError(
+                f"a compressed cache serves batches of more than one sequence (got {key_states.shape[0]}) only "
+                f"under attn_implementation={ATTN_IMPLEMENTATION!r}: under another attention function it never sees "
+                f"the attention mask, so padding tokens would be quantized with the real ones. Load the model "
+                f"with attn_implementation={ATTN_IMPLEMENTATION!r} (after `import models`; it runs every cache), or "
+                f"feed one sequence at a time"
+            )
         self.settle()
         start = self.key_store.seq_len
         self.key_store.append(key_states)
         self.value_store.append(value_states)
-        if self._returns_handles():
+        if returns_handles:
             handle = CompressedState(self)
             return handle, handle
         # The step's first row sees keys below floor((start + 1) / B) * B compressed (exact for
@@ -209,9 +246,13 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("offloading is not supported by compressed caches")
 
     # --- attention ------------------------------------------------------------------------------
-    def attend(self, module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def attend(self, module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               **kwargs) -> torch.Tensor:
         """Attention of ``query`` ``[B, H_q, L, d]`` (the step's new tokens, already appended)
-        over this layer's state. Returns ``[B, L, H_q, d]`` in the query's dtype."""
+        over this layer's state. Returns ``[B, L, H_q, d]`` in the query's dtype. ``kwargs`` are the
+        model's attention kwargs: ``softcap`` (Gemma2's ``softcap * tanh(scores / softcap)``) and
+        ``s_aux`` (GPT-OSS attention sinks, one logit per query head in the softmax denominator)
+        are applied."""
         keys, values = self.key_store, self.value_store
         batch, _, length, _ = query.shape
         total = keys.seq_len
@@ -219,20 +260,27 @@ class CompressedLayer(CacheLayerMixin):
         valid = key_validity(attention_mask, batch, total)
         if valid is not None:
             keys.residual_valid[:, -length:] = valid[:, -length:]
+        softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
         if start == 0:
-            # The prompt: exact attention over full-precision keys and values.
-            output, _ = sdpa_attention_forward(
-                module, query, keys.residual, values.window, attention_mask, scaling=scaling
-            )
+            # The prompt: exact attention over full-precision keys and values (the model's eager
+            # function where SDPA cannot apply a softcap or sinks).
+            if softcap is None and sinks is None:
+                output, _ = sdpa_attention_forward(
+                    module, query, keys.residual, values.window, attention_mask, scaling=scaling
+                )
+            else:
+                output, _ = eager_attention(module, query, keys.residual, values.window, attention_mask, scaling,
+                                            **kwargs)
         else:
-            output = self._attend_compressed(query, attention_mask, scaling, start).transpose(1, 2)
+            output = self._attend_compressed(query, attention_mask, scaling, start, softcap, sinks).transpose(1, 2)
         return output.to(query.dtype).contiguous()
 
-    def _attend_compressed(self, query, attention_mask, scaling, start) -> torch.Tensor:
-        fused = self._attend_fused(query, attention_mask, scaling, start)
-        if fused is not None:
-            return fused
-        return self._attend_composed(query, attention_mask, scaling, start)
+    def _attend_compressed(self, query, attention_mask, scaling, start, softcap=None, sinks=None) -> torch.Tensor:
+        if softcap is None and sinks is None:  # the fused op has neither
+            fused = self._attend_fused(query, attention_mask, scaling, start)
+            if fused is not None:
+                return fused
+        return self._attend_composed(query, attention_mask, scaling, start, softcap, sinks)
 
     def _attend_fused(self, query, attention_mask, scaling, start) -> torch.Tensor | None:
         """The step through the fused op :func:`qjl_kernel.decode_attention`, when every row sees
@@ -253,7 +301,7 @@ class CompressedLayer(CacheLayerMixin):
             query, committed, projection, exact_keys, values.quantized, values.window, mask, float(scaling)
         )
 
-    def _attend_composed(self, query, attention_mask, scaling, start) -> torch.Tensor:
+    def _attend_composed(self, query, attention_mask, scaling, start, softcap=None, sinks=None) -> torch.Tensor:
         keys, values = self.key_store, self.value_store
         length = query.shape[2]
         device = query.device
@@ -273,6 +321,8 @@ class CompressedLayer(CacheLayerMixin):
             recent[..., :crossed] = torch.where(use, compressed, recent[..., :crossed])
         scores = recent if committed is None else torch.cat([committed, recent], dim=-1)
         scores = scores * scaling
+        if softcap is not None:  # Gemma2, before masking as in its eager attention
+            scores = softcap * torch.tanh(scores / softcap)
 
         total = scores.shape[-1]
         if attention_mask is None:
@@ -283,7 +333,11 @@ class CompressedLayer(CacheLayerMixin):
             scores = scores.masked_fill(~attention_mask[..., :total], _masked_fill_value())
         else:
             scores = (scores + attention_mask[..., :total].float()).clamp_min(_masked_fill_value())
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # GPT-OSS: a per-head logit that joins the softmax denominator and is then dropped
+            sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, length, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
         n_quantized = values.num_quantized
         output = gqa_weighted_sum(probs[..., n_quantized:], values.window)
@@ -342,6 +396,43 @@ class CompressedLayer(CacheLayerMixin):
         return LayerMemory(key_bits, value_bits, keys.nbytes() + values.nbytes(), fp16)
 
 
+class ExactSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-attention layer of a compressed cache (Mistral with ``sliding_window``, the local
+    layers of Gemma2/3, GPT-OSS, Qwen2 with ``use_sliding_window``): transformers'
+    :class:`DynamicSlidingWindowLayer`, which keeps the newest ``sliding_window - 1`` keys and
+    values exactly, as DynamicCache does, plus a memory report.
+
+    Why exact rather than compressed within the window: such a layer never holds more than the
+    window, whatever the context, so at long context the full-attention layers hold nearly all of
+    the memory and compressing them is what the method is about (the paper evaluates full-attention
+    Llama models). Compressing inside the window would drop QJL groups as they leave it, at group
+    granularity, and would need masks offset to the first group held; exact keys and values there
+    also give the sliding layers exact attention. The price: a model whose every layer is sliding
+    (Mistral v0.1, window 4096) is stored exactly, like DynamicCache, up to the window.
+    Under the ``"qjl"`` attention these layers run SDPA (the model's eager attention when it asks
+    for a softcap or sinks) on the window."""
+
+    def memory(self) -> LayerMemory:
+        held = [t for t in (self.keys, self.values) if t is not None and t.numel()]
+        nbytes = sum(t.numel() * t.element_size() for t in held)
+        bits = 8 * held[0].element_size() if held else None
+        return LayerMemory(bits, bits, nbytes, sum(2 * t.numel() for t in held))
+
+
+def layer_windows(config: PreTrainedConfig) -> list[int | None]:
+    """Per decoder layer of ``config`` (the text config): its sliding window when it is a
+    sliding-attention layer, None when it attends to every past token. Models without
+    ``layer_types`` (Mistral) slide on every layer when ``sliding_window`` is set, as in
+    transformers' DynamicCache."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    if "sliding_attention" in layer_types and not window:
+        raise ValueError(f"the config has sliding_attention layers but sliding_window={window!r}")
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 def _text_config(model_config: PreTrainedConfig) -> PreTrainedConfig:
     return model_config.get_text_config(decoder=True)
 
@@ -391,9 +482,13 @@ class _CompressedCache(Cache):
         """Measured memory: bits per channel of the compressed part (keys, values, per layer and
         overall; of the exact tensors where nothing is compressed yet), bytes held (compressed +
         exact buffers) and the fp16 DynamicCache equivalent. The blocks completed by the last step
-        are committed at the start of the next update: until then they are held (and counted) exact."""
+        are committed at the start of the next update: until then they are held (and counted) exact.
+        Exact sliding-window layers count in the bytes (what they hold) and in the per-layer rows,
+        not in the bits of the compressed part."""
         layers = tuple(layer.memory() for layer in self.layers)
-        return MemoryReport.from_layers(layers, fallback_bits=self.nominal_bits_per_channel())
+        compressed = tuple(m for m, layer in zip(layers, self.layers) if isinstance(layer, CompressedLayer))
+        bits = MemoryReport.from_layers(compressed, fallback_bits=self.nominal_bits_per_channel()).bits_per_channel
+        return MemoryReport(bits, sum(l.nbytes for l in layers), sum(l.fp16_nbytes for l in layers), layers)
 
     def nominal_bits_per_channel(self) -> float:
         raise NotImplementedError
@@ -420,7 +515,10 @@ class QJLCache(_CompressedCache):
         qjl_config.check_head_dim(self.head_dim)
         sketches: dict[bool, QJLSketch] = {}
         layers = []
-        for idx in range(text.num_hidden_layers):
+        for idx, window in enumerate(layer_windows(text)):
+            if window is not None:
+                layers.append(ExactSlidingWindowLayer(window))
+                continue
             budget = qjl_config.layer_budget(idx)
             initial = idx < qjl_config.initial_layers_count
             if initial not in sketches:
@@ -468,9 +566,10 @@ class KIVICache(_CompressedCache):
             )
         self.bits, self.group_size = bits, group_size
         layers = [
+            ExactSlidingWindowLayer(window) if window is not None else
             CompressedLayer(KIVIKeyStore(bits, group_size, buffer_size), ValueStore(bits, group_size, buffer_size),
                             self._returns_handles)
-            for _ in range(text.num_hidden_layers)
+            for window in layer_windows(text)
         ]
         super().__init__(model_config, layers)
 

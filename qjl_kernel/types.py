@@ -13,8 +13,9 @@ class QuantizedKeys(NamedTuple):
     Shapes (``m`` = sketch size, ``m_o`` = outlier sketch size, ``n_out`` = outlier channels):
       bits            uint8 ``[B, H_kv, n_groups, G, m / 8]``   signs of ``S k_in``
       outlier_bits    uint8 ``[B, H_kv, n_groups, G, m_o / 8]`` signs of ``S[:m_o] k_out``
-      inlier_norms    ``[B, H_kv, n_groups, G]``  ``||k_in||`` in the keys' dtype
-      outlier_norms   ``[B, H_kv, n_groups, G]``  ``||k_out||`` in the keys' dtype
+      inlier_norms    ``[B, H_kv, n_groups, G]``  ``||k_in||``, any float dtype (the ops return the
+                      keys' dtype; the caches store float32, which cannot overflow)
+      outlier_norms   ``[B, H_kv, n_groups, G]``  ``||k_out||``, likewise
       outlier_indices uint8 ``[B, H_kv, n_groups, n_out]`` outlier channels of each group
 
     ``k_in`` is the key with its group's outlier channels zeroed, ``k_out = k - k_in``. We store

@@ -107,7 +107,26 @@ def test_memory_accounting_of_stores():
     store = _key_store()
     store.append(torch.randn(1, 2, 130, DIM, dtype=torch.float16))
     store.commit()
-    # 128 committed tokens: 16 + 8 bytes of bits, 2 x 2 bytes of norms per token; 4 indices per group.
-    committed = 2 * 128 * (16 + 8 + 4) + 2 * (128 // GROUP) * 4
+    # 128 committed tokens: 16 + 8 bytes of bits, 2 x 4 bytes of float32 norms per token; 4 indices per group.
+    committed = 2 * 128 * (16 + 8 + 8) + 2 * (128 // GROUP) * 4
     assert store.committed_nbytes() == committed
     assert store.nbytes() == committed + 2 * 2 * DIM * 2
+
+
+def test_large_fp16_keys_keep_finite_norms_and_scores():
+    # Channels of ~8000 give key norms above 65504, the fp16 maximum: stored as fp16 they were inf
+    # and the scores NaN. The store keeps norms in float32, so fp16 keys score as their float32 copy.
+    gen = torch.Generator().manual_seed(3)
+    keys = (torch.randn(1, 2, BUFFER, DIM, generator=gen) * 8000).half().float()
+    query = torch.randn(1, 4, 3, DIM, generator=gen).half().float()
+    half, full = _key_store(), _key_store()
+    half.append(keys.half())
+    full.append(keys)
+    half.commit()
+    full.commit()
+    state = half.quantized
+    assert state.inlier_norms.dtype == state.outlier_norms.dtype == torch.float32
+    assert (state.inlier_norms > torch.finfo(torch.float16).max).any()  # the case fp16 cannot hold
+    got = half.committed_scores(query.half())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, full.committed_scores(query), rtol=1e-6, atol=0)

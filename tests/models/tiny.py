@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import (
     DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -16,6 +20,8 @@ from transformers import (
 import models
 
 ARCHS = {
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # softcap, alternating sliding / full layers
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # attention sinks, alternating sliding / full layers
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -24,13 +30,16 @@ VOCAB = 97
 
 
 def tiny_model(arch="llama", *, heads=4, kv_heads=2, head_dim=64, layers=2, dtype=torch.float32, seed=0,
-               init=0.08):
-    """A random model whose logits are peaked enough for argmax comparisons (init std ``init``)."""
+               init=0.08, **config_kwargs):
+    """A random model whose logits are peaked enough for argmax comparisons (init std ``init``);
+    ``config_kwargs`` go to the config (``sliding_window``, ``layer_types``, ...)."""
     config_cls, model_cls = ARCHS[arch]
+    if arch == "gpt_oss":
+        config_kwargs = dict(num_local_experts=4, num_experts_per_tok=2, **config_kwargs)
     config = config_cls(
         hidden_size=heads * head_dim // 2, intermediate_size=2 * heads * head_dim, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=VOCAB,
-        max_position_embeddings=8192, initializer_range=init, tie_word_embeddings=False,
+        max_position_embeddings=8192, initializer_range=init, tie_word_embeddings=False, **config_kwargs,
     )
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
