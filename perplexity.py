@@ -247,7 +247,7 @@ def _mean(values):
 
 def memory_fields(config: SweepConfig, cache) -> dict:
     """Measured bits per channel (overall, keys, values) and bytes of ``cache`` after a run, and the
-    configuration's nominal bits with fp16 norms / scales."""
+    configuration's nominal bits for an fp16 model (fp16 value scales / mins, float32 key norms)."""
     report = models.memory_report(cache)
     if config.method == "exact":
         bits = dict(kv_bits_per_channel=float(FP16_BITS), key_bits_per_channel=float(FP16_BITS),
@@ -264,7 +264,7 @@ def memory_fields(config: SweepConfig, cache) -> dict:
         else:
             nominal = cache.nominal_bits_per_channel()
         bits = dict(
-            # nothing compressed yet (tokens within the buffer): the nominal value, as MemoryReport does
+            # nothing compressed (all tokens within the buffer): the bits of what the report holds
             kv_bits_per_channel=(key_bits + value_bits) / 2 if measured else report.bits_per_channel,
             key_bits_per_channel=key_bits, value_bits_per_channel=value_bits, nominal_kv_bits_fp16=nominal,
         )
