@@ -84,7 +84,7 @@ def layer_state(q_heads, kv_heads, dim, tokens, layer_idx, seed=0):
     # T - 1 tokens stored and settled, then the step's own token appended, as in a decode step.
     layer.key_store.append(keys[:, :, :-1])
     layer.value_store.append(values[:, :, :-1])
-    layer._settle()
+    layer.settle()
     layer.key_store.append(keys[:, :, -1:])
     layer.value_store.append(values[:, :, -1:])
     return layer, query, keys, values
