@@ -47,6 +47,7 @@ View3 view3(const at::Tensor& t) { return View3{t.data_ptr(), t.stride(0), t.str
 
 // True when dims [first, dim) of t are dense (sizes of 1 may have any stride).
 bool inner_dense(const at::Tensor& t, int64_t first) {
+  if (t.numel() == 0) return true;  // nothing is read (e.g. outlier bits when m_o = 0)
   int64_t expected = 1;
   for (int64_t i = t.dim() - 1; i >= first; --i) {
     if (t.size(i) != 1 && t.stride(i) != expected) return false;
