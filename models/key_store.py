@@ -155,17 +155,6 @@ class KeyStore:
             self.residual_valid = self.residual_valid.index_select(0, index.to(self.residual.device))
 
 
-def float32_norms(grouped_keys: torch.Tensor, outliers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(||k_in||, ||k_out||)`` in float32, as :func:`qjl_kernel.reference.quantize_keys_ref`
-    computes them before rounding to the keys' dtype: grouped_keys ``[B, H, N, G, d]``, outliers
-    ``[B, H, N, n_out]`` -> two float32 ``[B, H, N, G]``."""
-    k = grouped_keys.float()
-    mask = torch.zeros(*outliers.shape[:-1], k.shape[-1], dtype=torch.bool, device=k.device)
-    mask.scatter_(-1, outliers.long(), True)
-    k_out = k * mask.unsqueeze(-2)
-    return (k - k_out).norm(dim=-1), k_out.norm(dim=-1)
-
-
 class QJLKeyStore(KeyStore):
     """QJL keys of one layer. At commit each group picks its ``outlier_count`` largest-norm
     channels, then every key is sketched (inlier and outlier parts, :func:`qjl_kernel.quantize_keys`).
@@ -188,11 +177,9 @@ class QJLKeyStore(KeyStore):
         grouped = keys.reshape(batch, heads, tokens // self.group_size, self.group_size, dim)
         outliers = select_outliers(grouped, self.budget.outlier_count)
         projection = self.sketch.projection_on(keys.device)
-        state = qjl_kernel.quantize_keys(grouped, outliers, projection, self.budget.outlier_sketch_dim)
-        if state.inlier_norms.dtype == torch.float32:
-            return state
-        inlier_norms, outlier_norms = float32_norms(grouped, outliers)
-        return state._replace(inlier_norms=inlier_norms, outlier_norms=outlier_norms)
+        # Every backend sketches in float32 whatever the keys' dtype, so float32 keys give the same
+        # sign bits and norms returned in float32 (the ops round norms to the keys' dtype).
+        return qjl_kernel.quantize_keys(grouped.float(), outliers, projection, self.budget.outlier_sketch_dim)
 
     def scores(self, state: QuantizedKeys, query: torch.Tensor) -> torch.Tensor:
         return qjl_kernel.key_scores(query, state, self.sketch.projection_on(query.device))
