@@ -47,6 +47,10 @@ ATTN_IMPLEMENTATION = "qjl"
 KIVI_BITS = (2, 4)  # bits of KIVI keys and values
 
 
+# What a compressed layer knows about padding when no forward pre-hook showed it the mask.
+NOT_OBSERVED = object()
+
+
 class CompressedStateMisuse(AttributeError, TypeError):
     """Another attention function read a tensor attribute of a :class:`CompressedState`. An
     AttributeError so that ``hasattr`` / ``getattr(..., default)`` probes (``torch.compile``,
@@ -136,11 +140,15 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, key_store: KeyStore, value_store: ValueStore, returns_handles) -> None:
+    def __init__(self, key_store: KeyStore, value_store: ValueStore, returns_handles,
+                 observed_padding=lambda: NOT_OBSERVED) -> None:
         super().__init__()
         self.key_store = key_store
         self.value_store = value_store
         self._returns_handles = returns_handles  # () -> bool: is the "qjl" attention running?
+        # () -> bool [B, T] key validity of the running forward pass, None (no padding) or
+        # NOT_OBSERVED: what models.cache_kwargs' hook saw (_CompressedCache.observe_attention_mask)
+        self._observed_padding = observed_padding
 
     # --- transformers' layer API --------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -159,19 +167,10 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         returns_handles = self._returns_handles()
-        if not returns_handles and key_states.shape[0] > 1:
-            # transformers hands update() no attention mask (5.17: nothing; 5.24: position_ids), so
-            # padding would enter outlier choice, norms and scales; the "qjl" attention sees the mask.
-            raise ValueError(
-                f"a compressed cache serves batches of more than one sequence (got {key_states.shape[0]}) only "
-                f"under attn_implementation={ATTN_IMPLEMENTATION!r}: under another attention function it never sees "
-                f"the attention mask, so padding tokens would be quantized with the real ones. Load the model "
-                f"with attn_implementation={ATTN_IMPLEMENTATION!r} (after `import models`; it runs every cache), or "
-                f"feed one sequence at a time"
-            )
-        self.settle()
         start = self.key_store.seq_len
-        self.key_store.append(key_states)
+        valid = None if returns_handles else self._observed_validity(key_states, start)
+        self.settle()
+        self.key_store.append(key_states, valid)
         self.value_store.append(value_states)
         if returns_handles:
             handle = CompressedState(self)
@@ -180,6 +179,34 @@ class CompressedLayer(CacheLayerMixin):
         # one-token steps; the prompt step is exact).
         buffer = self.key_store.buffer_size
         return self.dense_keys(((start + 1) // buffer) * buffer if start else 0), self.dense_values()
+
+    def _observed_validity(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
+        """bool ``[B, L]``: which of the step's new tokens are real, under an attention function
+        other than ``"qjl"`` (which hands the mask to :meth:`attend` instead). transformers gives
+        ``update`` no attention mask (5.17: nothing; 5.24: position_ids), so the mask comes from
+        the forward pre-hook :func:`models.cache_kwargs` installs; without it a batch is refused,
+        because padding would enter outlier choice, norms and scales."""
+        batch, length = key_states.shape[0], key_states.shape[2]
+        observed = self._observed_padding()
+        if observed is NOT_OBSERVED:
+            if batch == 1:
+                return None  # one sequence: no padding
+            raise ValueError(
+                f"a compressed cache serves a batch of {batch} sequences under an attention function other than "
+                f"{ATTN_IMPLEMENTATION!r} only when it can see the attention mask: pass it to the model with "
+                f"`**models.cache_kwargs(model, cache)` (which shows it the mask of every forward pass), or load "
+                f"the model with attn_implementation={ATTN_IMPLEMENTATION!r} (after `import models`), or feed one "
+                f"sequence at a time. Otherwise padding tokens would be quantized with the real ones"
+            )
+        if observed is None:
+            return None
+        if observed.shape[0] != batch or observed.shape[1] != start + length:
+            raise ValueError(
+                f"the attention mask of this forward pass has shape {tuple(observed.shape)}, but the compressed "
+                f"cache holds {start} tokens and the step adds {length} for {batch} sequences: a 2D padding mask "
+                f"must cover the cached and the new tokens, [batch, {start + length}]"
+            )
+        return observed[:, start:].to(key_states.device)
 
     def get_seq_length(self) -> int:
         return self.key_store.seq_len
@@ -478,6 +505,30 @@ class _CompressedCache(Cache):
     def _returns_handles(self) -> bool:
         return getattr(_text_config(self.model_config), "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
+    def observe_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Show the cache the attention mask of the forward pass about to run (the hook of
+        :func:`models.cache_kwargs` calls this): 2D ``[B, cached + new]`` (1 / True = real token),
+        4D ``[B, 1, L, cached + new]`` or None (no padding). Under an attention function other than
+        ``"qjl"`` this is how the layers learn which new tokens are padding."""
+        if attention_mask is not None:
+            if attention_mask.dim() == 4:
+                attention_mask = key_validity(attention_mask, attention_mask.shape[0], attention_mask.shape[-1])
+            elif attention_mask.dim() == 2:
+                attention_mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+            else:
+                raise ValueError(
+                    f"an attention mask must be 2D [batch, tokens] or 4D [batch, 1, query, tokens], got shape "
+                    f"{tuple(attention_mask.shape)}"
+                )
+        self._observed_mask = attention_mask
+
+    def forget_attention_mask(self) -> None:
+        """Back to "mask unknown" (after the forward pass the mask was observed for)."""
+        self._observed_mask = NOT_OBSERVED
+
+    def _observed_padding(self):
+        return self.__dict__.get("_observed_mask", NOT_OBSERVED)
+
     def memory_report(self) -> MemoryReport:
         """Measured memory: bits per channel of the compressed part (keys, values, per layer and
         overall; of the exact tensors where nothing is compressed yet), bytes held (compressed +
@@ -528,7 +579,7 @@ class QJLCache(_CompressedCache):
                 )
             key_store = QJLKeyStore(sketches[initial], budget, qjl_config.group_size, qjl_config.buffer_size)
             value_store = ValueStore(qjl_config.value_quantization_bits, qjl_config.group_size, qjl_config.buffer_size)
-            layers.append(CompressedLayer(key_store, value_store, self._returns_handles))
+            layers.append(CompressedLayer(key_store, value_store, self._returns_handles, self._observed_padding))
         super().__init__(model_config, layers)
 
     def bit_report(self, storage_bits: int = 16):
@@ -568,7 +619,7 @@ class KIVICache(_CompressedCache):
         layers = [
             ExactSlidingWindowLayer(window) if window is not None else
             CompressedLayer(KIVIKeyStore(bits, group_size, buffer_size), ValueStore(bits, group_size, buffer_size),
-                            self._returns_handles)
+                            self._returns_handles, self._observed_padding)
             for window in layer_windows(text)
         ]
         super().__init__(model_config, layers)

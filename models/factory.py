@@ -8,7 +8,7 @@ import inspect
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig, QuantizedCache
 
-from .cache import KIVICache, QJLCache
+from .cache import KIVICache, QJLCache, _CompressedCache
 from .config import QJLConfig
 from .memory import MemoryReport
 
@@ -87,8 +87,44 @@ def memory_report(cache: Cache) -> MemoryReport:
     return MemoryReport(bits_per_channel=float(bits or 16), nbytes=nbytes, fp16_nbytes=fp16)
 
 
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+_HOOKED = "_qjl_padding_hooks"  # attribute of a model holding its hook handles
+
+
+def _show_mask(module, args, kwargs) -> None:
+    """Forward pre-hook: hand a compressed cache the forward pass's attention mask."""
+    if args:  # positional arguments (model(ids, mask, ...)): bind them to their names
+        try:
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments, **kwargs}
+        except TypeError:
+            pass
+    for name in _CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if isinstance(cache, _CompressedCache):
+            cache.observe_attention_mask(kwargs.get("attention_mask"))
+
+
+def _forget_mask(module, args, kwargs, output) -> None:
+    for name in _CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if isinstance(cache, _CompressedCache):
+            cache.forget_attention_mask()
+
+
 def cache_kwargs(model, cache: Cache) -> dict:
     """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers 5.17 calls the
-    argument ``past_key_values``, later releases ``cache`` (the old name is deprecated there)."""
+    argument ``past_key_values``, later releases ``cache`` (the old name is deprecated there).
+
+    For a compressed cache it also installs (once per model) a forward pre-hook that shows the cache
+    each forward pass's attention mask. transformers never passes the mask to a cache's ``update``,
+    so without the hook a compressed cache under ``sdpa`` / ``eager`` attention cannot tell padding
+    from real tokens and refuses batches; with it, padded batches give what the ``"qjl"`` attention
+    gives (padding excluded from outlier choice, norms and scales)."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if isinstance(cache, _CompressedCache) and not getattr(model, _HOOKED, None):
+        hooks = (
+            model.register_forward_pre_hook(_show_mask, with_kwargs=True),
+            model.register_forward_hook(_forget_mask, with_kwargs=True, always_call=True),
+        )
+        object.__setattr__(model, _HOOKED, hooks)  # a plain attribute, not a registered submodule
     return {name: cache}

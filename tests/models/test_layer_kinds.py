@@ -2,6 +2,8 @@
 ``use_sliding_window``, Gemma2, GPT-OSS), logit softcapping (Gemma2), attention sinks (GPT-OSS),
 and padding under attention functions other than ``"qjl"``."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -133,19 +135,79 @@ def test_softcap_changes_the_compressed_scores():
     assert (capped[:, 70:] - with_cap[:, 70:]).abs().max() > 1e-2
 
 
+def _committed_state(cache):
+    """Every layer's committed key state (its tensors; None when nothing is committed)."""
+    out = []
+    for layer in cache.layers:
+        state = layer.key_store.quantized
+        out.append(None if state is None else [t for t in state if isinstance(t, torch.Tensor)])
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", METHODS)
-def test_padded_batch_under_another_attention_is_refused(method):
-    # Under SDPA / eager the cache never sees the attention mask (transformers 5.17 passes update()
-    # nothing, 5.24 position_ids only), so padding would be quantized with real tokens: refused.
+def test_padded_batch_under_another_attention_equals_the_qjl_path(method, attn):
+    # transformers hands a cache's update() no attention mask; models.cache_kwargs' forward pre-hook
+    # shows it the mask, so padding stays out of outlier choice, norms and scales under any attention.
+    ids = tokens(2, 90)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # unaligned left padding: pads share a block with real tokens
+    chunks = [40] + [1] * 50  # commits at 64 (and the prompt's 32)
+
+    def run(implementation):
+        model = tiny_model()
+        model.set_attn_implementation(implementation)
+        cache = _cache(method, model, **SMALL)
+        return step_logits(model, cache, ids, chunks, attention_mask=mask), cache
+
+    other, other_cache = run(attn)
+    qjl, qjl_cache = run(models.ATTN_IMPLEMENTATION)
+    real = mask.bool()
+    torch.testing.assert_close(other[real], qjl[real], rtol=1e-3, atol=1e-3)
+    # The first layer's keys are the same numbers on both paths (later layers' differ by rounding
+    # of the attention above them): its committed state, padding excluded, must be identical.
+    got, want = _committed_state(other_cache)[0], _committed_state(qjl_cache)[0]
+    assert got is not None and want is not None, "nothing was committed: the comparison would test nothing"
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_batch_without_the_mask_hook_is_refused(method):
+    # A cache passed straight to the model (not through models.cache_kwargs) never sees the mask
+    # under SDPA: a batch is refused, naming the fix; one sequence runs.
     model = tiny_model()
     model.set_attn_implementation("sdpa")
-    ids = tokens(2, 50)
+    ids = tokens(2, 20)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    with pytest.raises(ValueError, match="attn_implementation='qjl'"):
-        step_logits(model, _cache(method, model, **SMALL), ids, [40] + [1] * 10, attention_mask=mask)
-    # one sequence at a time still runs, and equals the "qjl" path
-    sdpa = step_logits(model, _cache(method, model, **SMALL), ids[1:, 7:], [33] + [1] * 10)
-    model.set_attn_implementation(models.ATTN_IMPLEMENTATION)
-    qjl = step_logits(model, _cache(method, model, **SMALL), ids[1:, 7:], [33] + [1] * 10)
-    torch.testing.assert_close(sdpa, qjl, rtol=1e-3, atol=1e-3)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with pytest.raises(ValueError, match="cache_kwargs"):
+        model(input_ids=ids, attention_mask=mask, **{name: _cache(method, model, **SMALL)})
+    model(input_ids=ids[1:, 7:], **{name: _cache(method, model, **SMALL)})
+
+
+def test_a_mask_that_does_not_cover_the_cache_is_refused():
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")
+    ids = tokens(2, 30)
+    cache = _cache("qjl", model, **SMALL)
+    step_logits(model, cache, ids[:, :20], [20], attention_mask=torch.ones(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[batch, 30\]"):  # a mask of the new tokens only
+        model(input_ids=ids[:, 20:], attention_mask=torch.ones(2, 10, dtype=torch.long),
+              **models.cache_kwargs(model, cache))
+
+
+def test_padded_generate_under_sdpa_equals_the_qjl_path():
+    ids = tokens(2, 50)
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+
+    def generate(implementation):
+        model = tiny_model()
+        model.set_attn_implementation(implementation)
+        cache = _cache("qjl", model, **SMALL)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                              **models.cache_kwargs(model, cache))
+
+    assert torch.equal(generate("sdpa"), generate(models.ATTN_IMPLEMENTATION))
