@@ -596,8 +596,14 @@ def test_views_along_batch_and_heads():
 
 
 # The kernel keeps a group's outlier correction (u = S[:, O] q_O, v = S q - u) for the next group when
-# that group has the same outlier channels; patterns of channel sets across consecutive groups.
+# that group has the same outlier channels, and otherwise forms it from the correction of the
+# channels in most groups (the base set) plus the channels where the group differs, unless its own
+# list is shorter; patterns of channel sets across consecutive groups.
 OUTLIER_SET_PATTERNS = {
+    # base {5, 9, 17, 30}: equal to it, one channel swapped (one added, one removed), two swapped,
+    # all four different (own list), back to the base
+    "base-and-swaps": lambda n: ([[5, 9, 17, 30], [5, 9, 17, 44], [5, 9, 40, 30], [5, 9, 17, 30], [6, 7, 8, 10],
+                                  [30, 5, 9, 17]] * n)[:n],
     "all-same": lambda n: [[5, 9, 17, 30]] * n,
     "same-reordered": lambda n: [[5, 9, 17, 30], [30, 17, 9, 5]] * (n // 2),
     "alternating": lambda n: [[5, 9, 17, 30], [5, 9, 17, 31]] * (n // 2),
@@ -607,8 +613,9 @@ OUTLIER_SET_PATTERNS = {
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("q_heads", [6, 20])  # 3 and 10 query rows per KV head (rows formed 4 at a time)
 @pytest.mark.parametrize("pattern", sorted(OUTLIER_SET_PATTERNS))
-def test_outlier_correction_reuse_across_groups(pattern):
+def test_outlier_correction_reuse_across_groups(pattern, q_heads):
     """Consecutive groups with equal (or nearly equal) outlier channel sets: the kernel's reuse of
     the correction must be exact where the sets are equal and never applied where they differ
     (including sets with a repeated channel, which count it twice)."""
@@ -625,7 +632,7 @@ def test_outlier_correction_reuse_across_groups(pattern):
                                         projection, m_o)._replace(outlier_indices=indices)  # fmt: skip
     else:
         keys = qjl_kernel.quantize_keys(grouped, indices, projection, m_o)
-    query = torch.randn(1, 6, 1, dim, generator=gen)
+    query = torch.randn(1, q_heads, 1, dim, generator=gen)
     residual = torch.randn(1, 2, 5, dim, generator=gen)
     window = torch.randn(1, 2, groups * group + 5, dim, generator=gen)
     args = (query, keys, projection, residual, None, window)

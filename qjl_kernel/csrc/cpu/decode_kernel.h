@@ -57,7 +57,8 @@ struct DecodeArgs {
 
 // Floats of workspace one task over `span` tokens needs.
 inline int64_t decode_workspace_floats(const DecodeArgs& a, int64_t span) {
-  return a.rows * span + 2 * a.rows * a.m + 32 * a.dim + 64;  // logits, v and u, a dequantized value block
+  // logits; v and u of a group and of the base channel set; a dequantized value block
+  return a.rows * span + 4 * a.rows * a.m + 32 * a.dim + 64;
 }
 
 // One task: batch b, KV head h, tokens [t0, t1). For each row r it writes the largest logit

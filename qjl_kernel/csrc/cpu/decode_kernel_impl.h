@@ -419,69 +419,85 @@ inline void weighted_sums_block_rows(const float* const* v, const float* const* 
 }
 #endif
 
-// u = S[:, O] q_O = sum_o q[c_o] S^T[c_o] (the outlier columns of S times the query's outlier
-// channels) and v = S q - u, for one query row; m entries.
-inline void outlier_sketch(const float* q, const uint8_t* channels, int64_t n_out, const float* projection_t,
-                           int64_t m, const float* sq, float* u, float* v) {
+constexpr int kSketchRows = 4;  // query rows whose u and v are formed together (one read of each column)
+
+// For rows r < NR: acc_r = sum_k coef[r][k] S^T[channels[k]], then v_r = base_v[r] - acc_r over m
+// entries and u_r = base_u[r] + acc_r over the first mu (base_u null: u_r = acc_r). With base_v = S q,
+// no base_u and coef = q over a group's outlier channels O: u = S[:, O] q_O and v = S q - u = S q_in.
+// With a channel set C's u and v as bases and the channels where O and C differ (coef +q for those
+// added to C, -q for those removed): the same u and v, from fewer columns. Each column is read once
+// for all rows.
+template <int NR>
+inline void outlier_sketch(const float (*coef)[256], const uint8_t* channels, int64_t n, const float* projection_t,
+                           int64_t m, int64_t mu, const float* const* base_v, const float* const* base_u,
+                           float* const* u, float* const* v) {
 #if QJL_ISA_LEVEL == 2
-  int64_t i = 0;
-  for (; i + 64 <= m; i += 64) {  // four independent accumulator chains
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t o = 0; o < n_out; ++o) {
-      const int64_t c = channels[o];
-      const __m512 qc = _mm512_set1_ps(q[c]);
-      const float* col = projection_t + c * m + i;
-      a0 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col), a0);
-      a1 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 16), a1);
-      a2 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 32), a2);
-      a3 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(col + 48), a3);
-    }
-    _mm512_storeu_ps(u + i, a0);
-    _mm512_storeu_ps(u + i + 16, a1);
-    _mm512_storeu_ps(u + i + 32, a2);
-    _mm512_storeu_ps(u + i + 48, a3);
-    _mm512_storeu_ps(v + i, _mm512_sub_ps(_mm512_loadu_ps(sq + i), a0));
-    _mm512_storeu_ps(v + i + 16, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 16), a1));
-    _mm512_storeu_ps(v + i + 32, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 32), a2));
-    _mm512_storeu_ps(v + i + 48, _mm512_sub_ps(_mm512_loadu_ps(sq + i + 48), a3));
-  }
-  for (; i < m; i += 16) {
+  for (int64_t i = 0; i < m; i += 16) {
     const __mmask16 k = m - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (m - i)) - 1u);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t o = 0; o < n_out; ++o) {
-      const int64_t c = channels[o];
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[c]), _mm512_maskz_loadu_ps(k, projection_t + c * m + i), acc);
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t o = 0; o < n; ++o) {
+      const __m512 col = _mm512_maskz_loadu_ps(k, projection_t + channels[o] * m + i);
+      for (int r = 0; r < NR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(coef[r][o]), col, acc[r]);
     }
-    _mm512_mask_storeu_ps(u + i, k, acc);
-    _mm512_mask_storeu_ps(v + i, k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, sq + i), acc));
+    for (int r = 0; r < NR; ++r) _mm512_mask_storeu_ps(v[r] + i, k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, base_v[r] + i), acc[r]));
+    if (i < mu) {
+      const __mmask16 ku = mu - i >= 16 ? k : static_cast<__mmask16>(k & ((1u << (mu - i)) - 1u));
+      for (int r = 0; r < NR; ++r) {
+        const __m512 x = base_u[r] != nullptr ? _mm512_add_ps(_mm512_maskz_loadu_ps(ku, base_u[r] + i), acc[r]) : acc[r];
+        _mm512_mask_storeu_ps(u[r] + i, ku, x);
+      }
+    }
   }
 #else
-  int64_t i = 0;
-  for (; i + kLanes <= m; i += kLanes) {  // kLanes entries at a time, held in registers
-    float lanes[kLanes] = {};
-    for (int64_t o = 0; o < n_out; ++o) {
-      const float qc = q[channels[o]];
-      const float* col = projection_t + channels[o] * m + i;
-      for (int j = 0; j < kLanes; ++j) lanes[j] += qc * col[j];
+  for (int64_t i = 0; i < m; i += kLanes) {  // kLanes entries at a time, held in registers
+    const int64_t width = m - i < kLanes ? m - i : kLanes;
+    for (int r = 0; r < NR; ++r) {
+      float lanes[kLanes] = {};
+      for (int64_t o = 0; o < n; ++o) {
+        const float* col = projection_t + channels[o] * m + i;
+        for (int64_t j = 0; j < width; ++j) lanes[j] += coef[r][o] * col[j];
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        v[r][i + j] = base_v[r][i + j] - lanes[j];
+        if (i + j < mu) u[r][i + j] = base_u[r] != nullptr ? base_u[r][i + j] + lanes[j] : lanes[j];
+      }
     }
-    for (int j = 0; j < kLanes; ++j) {
-      u[i + j] = lanes[j];
-      v[i + j] = sq[i + j] - lanes[j];
-    }
-  }
-  for (; i < m; ++i) {
-    float x = 0.f;
-    for (int64_t o = 0; o < n_out; ++o) x += q[channels[o]] * projection_t[channels[o] * m + i];
-    u[i] = x;
-    v[i] = sq[i] - x;
   }
 #endif
+}
+
+// outlier_sketch for any nr <= kSketchRows rows.
+inline void outlier_sketch_rows(int64_t nr, const float (*coef)[256], const uint8_t* channels, int64_t n,
+                                const float* projection_t, int64_t m, int64_t mu, const float* const* base_v,
+                                const float* const* base_u, float* const* u, float* const* v) {
+  switch (nr) {
+    case 4:
+      outlier_sketch<4>(coef, channels, n, projection_t, m, mu, base_v, base_u, u, v);
+      break;
+    case 3:
+      outlier_sketch<3>(coef, channels, n, projection_t, m, mu, base_v, base_u, u, v);
+      break;
+    case 2:
+      outlier_sketch<2>(coef, channels, n, projection_t, m, mu, base_v, base_u, u, v);
+      break;
+    default:
+      outlier_sketch<1>(coef, channels, n, projection_t, m, mu, base_v, base_u, u, v);
+      break;
+  }
+}
+
+// How many channels a 256-bit channel set holds.
+inline int64_t channel_count(const uint64_t (&set)[4]) {
+  return __builtin_popcountll(set[0]) + __builtin_popcountll(set[1]) + __builtin_popcountll(set[2]) +
+         __builtin_popcountll(set[3]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Logits of the committed tokens [t0, t1) (t1 <= committed) into logits[r * span + (t - base)].
 inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t t0, int64_t t1, int64_t base,
-                             int64_t span, float* logits, float* v_buf, float* u_buf) {
+                             int64_t span, float* logits, float* v_buf, float* u_buf, float* base_v_buf,
+                             float* base_u_buf) {
   const int64_t rows = a.rows, m = a.m, m_o = a.m_o, d = a.dim, bh = b * a.kv_heads + h;
   const float* q = a.query + bh * rows * d;
   const float* sq = a.query_sketch + bh * rows * m;
@@ -499,49 +515,135 @@ inline void committed_logits(const DecodeArgs& a, int64_t b, int64_t h, int64_t 
   const float* v_rows[kMaxRowsOnStack];
   const float* u_rows[kMaxRowsOnStack];
   float v_total[kMaxRowsOnStack], u_total[kMaxRowsOnStack], sums[kMaxRowsOnStack];
+  float base_v_total[kMaxRowsOnStack], base_u_total[kMaxRowsOnStack];
 
+  // The base channel set C: the channels in more than half of the task's groups whose outlier
+  // channels are distinct. Real keys' outlier channels persist only in part (SmolLM2: a group
+  // rarely has the previous group's set, but differs from C in about 4 of 8 channels), so each
+  // group's u and v are C's corrected by the channels where the group's set differs from C.
+  uint64_t base_set[4] = {0, 0, 0, 0};
+  uint8_t base_channels[256];
+  int64_t n_base = 0;
+  if (outliers) {
+    int32_t counts[256] = {};
+    int64_t distinct_groups = 0;
+    for (int64_t n = t0 / a.group; n * a.group < t1; ++n) {
+      const uint8_t* idx = indices + n * a.n_out;
+      uint64_t set[4] = {0, 0, 0, 0};
+      for (int64_t o = 0; o < a.n_out; ++o) set[idx[o] >> 6] |= 1ull << (idx[o] & 63);
+      if (channel_count(set) != a.n_out) continue;
+      ++distinct_groups;
+      for (int64_t o = 0; o < a.n_out; ++o) ++counts[idx[o]];
+    }
+    for (int64_t c = 0; c < d; ++c) {
+      if (2 * counts[c] > distinct_groups) {
+        base_set[c >> 6] |= 1ull << (c & 63);
+        base_channels[n_base++] = static_cast<uint8_t>(c);
+      }
+    }
+  }
+
+  float coef[kSketchRows][256];
+  const float* from_v[kSketchRows];
+  const float* from_u[kSketchRows];
+  float* to_u[kSketchRows];
+  float* to_v[kSketchRows];
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsOnStack) {
     const int64_t nr = rows - r0 < kMaxRowsOnStack ? rows - r0 : kMaxRowsOnStack;
+    // The base u and v of each row (none without a base set: v = S q, u = 0).
+    for (int64_t rb = 0; rb < nr && n_base > 0; rb += kSketchRows) {
+      const int64_t nb = nr - rb < kSketchRows ? nr - rb : kSketchRows;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t r = rb + j;
+        const float* qr = q + (r0 + r) * d;
+        float sum_m = 0.f, sum_mo = 0.f;
+        for (int64_t k = 0; k < n_base; ++k) {
+          coef[j][k] = qr[base_channels[k]];
+          sum_m += coef[j][k] * a.channel_sums_m[base_channels[k]];
+          sum_mo += coef[j][k] * a.channel_sums_mo[base_channels[k]];
+        }
+        base_v_total[r] = sq_sums[r0 + r] - sum_m;
+        base_u_total[r] = sum_mo;
+        from_v[j] = sq + (r0 + r) * m;
+        from_u[j] = nullptr;
+        to_u[j] = base_u_buf + r * m;
+        to_v[j] = base_v_buf + r * m;
+      }
+      outlier_sketch_rows(nb, coef, base_channels, n_base, a.projection_t, m, m_o, from_v, from_u, to_u, to_v);
+    }
     int64_t t = t0;
     uint64_t previous[4] = {~0ull, ~0ull, ~0ull, ~0ull};  // channel set of the last group's u and v
     while (t < t1) {
       const int64_t n = t / a.group, group_end = (n + 1) * a.group < t1 ? (n + 1) * a.group : t1;
-      // v = S q_in = S q - S[:, O] q_O and u = S[:, O] q_O for this group's outlier channels O;
-      // kept when the group has the previous group's channels (real keys' outlier channels persist).
-      bool same_channels = false;
+      // v = S q_in = S q - S[:, O] q_O and u = S[:, O] q_O for this group's outlier channels O:
+      // kept when the group has the previous group's channels; else from the base set C when O
+      // differs from C in fewer than |O| channels; else from O's own list (always so for a list
+      // with a repeated channel, which counts twice in u, as in the reference).
+      bool same_channels = false, from_base = false;
+      int64_t n_diff = 0;
+      float sign[256];
+      uint8_t diff[256];
+      const uint8_t* idx = indices + n * a.n_out;
       if (outliers) {
         uint64_t set[4] = {0, 0, 0, 0};
-        const uint8_t* idx = indices + n * a.n_out;
         for (int64_t o = 0; o < a.n_out; ++o) set[idx[o] >> 6] |= 1ull << (idx[o] & 63);
-        const bool distinct = __builtin_popcountll(set[0]) + __builtin_popcountll(set[1]) +
-                                  __builtin_popcountll(set[2]) + __builtin_popcountll(set[3]) ==
-                              a.n_out;  // a repeated channel counts twice in u: never reuse then
+        const bool distinct = channel_count(set) == a.n_out;
         same_channels = distinct && set[0] == previous[0] && set[1] == previous[1] && set[2] == previous[2] &&
                         set[3] == previous[3];
         for (int i = 0; i < 4; ++i) previous[i] = distinct ? set[i] : ~0ull;
+        if (distinct && n_base > 0 && !same_channels) {
+          uint64_t added[4], removed[4];
+          for (int i = 0; i < 4; ++i) {
+            added[i] = set[i] & ~base_set[i];
+            removed[i] = base_set[i] & ~set[i];
+          }
+          from_base = channel_count(added) + channel_count(removed) < a.n_out;
+          for (int64_t c = 0; c < d && from_base; ++c) {
+            const uint64_t bit = 1ull << (c & 63);
+            if ((added[c >> 6] | removed[c >> 6]) & bit) {
+              diff[n_diff] = static_cast<uint8_t>(c);
+              sign[n_diff++] = (added[c >> 6] & bit) ? 1.f : -1.f;
+            }
+          }
+        }
       }
-      for (int64_t r = 0; r < nr && !same_channels; ++r) {
-        const float* qr = q + (r0 + r) * d;
-        const float* sqr = sq + (r0 + r) * m;
-        if (!outliers) {
-          v_rows[r] = u_rows[r] = sqr;  // u is unread without outliers
+      if (!outliers) {
+        for (int64_t r = 0; r < nr; ++r) {
+          v_rows[r] = u_rows[r] = sq + (r0 + r) * m;  // u is unread without outliers
           v_total[r] = sq_sums[r0 + r];
-          continue;
         }
-        float* u = u_buf + r * m;
-        float* v = v_buf + r * m;
-        float u_sum_m = 0.f, u_sum_mo = 0.f;
-        const uint8_t* idx = indices + n * a.n_out;
-        for (int64_t o = 0; o < a.n_out; ++o) {
-          const float qc = qr[idx[o]];
-          u_sum_m += qc * a.channel_sums_m[idx[o]];
-          u_sum_mo += qc * a.channel_sums_mo[idx[o]];
+      } else if (from_base && n_diff == 0) {  // O = C
+        for (int64_t r = 0; r < nr; ++r) {
+          v_rows[r] = base_v_buf + r * m;
+          u_rows[r] = base_u_buf + r * m;
+          v_total[r] = base_v_total[r];
+          u_total[r] = base_u_total[r];
         }
-        outlier_sketch(qr, idx, a.n_out, a.projection_t, m, sqr, u, v);
-        v_rows[r] = v;
-        u_rows[r] = u;
-        v_total[r] = sq_sums[r0 + r] - u_sum_m;
-        u_total[r] = u_sum_mo;
+      } else if (!same_channels) {
+        const int64_t count = from_base ? n_diff : a.n_out;
+        const uint8_t* list = from_base ? diff : idx;
+        for (int64_t rb = 0; rb < nr; rb += kSketchRows) {
+          const int64_t nb = nr - rb < kSketchRows ? nr - rb : kSketchRows;
+          for (int64_t j = 0; j < nb; ++j) {
+            const int64_t r = rb + j;
+            const float* qr = q + (r0 + r) * d;
+            float sum_m = 0.f, sum_mo = 0.f;
+            for (int64_t k = 0; k < count; ++k) {
+              coef[j][k] = from_base ? sign[k] * qr[list[k]] : qr[list[k]];
+              sum_m += coef[j][k] * a.channel_sums_m[list[k]];
+              sum_mo += coef[j][k] * a.channel_sums_mo[list[k]];
+            }
+            v_total[r] = (from_base ? base_v_total[r] : sq_sums[r0 + r]) - sum_m;
+            u_total[r] = (from_base ? base_u_total[r] : 0.f) + sum_mo;
+            from_v[j] = from_base ? base_v_buf + r * m : sq + (r0 + r) * m;
+            from_u[j] = from_base ? base_u_buf + r * m : nullptr;
+            to_u[j] = u_buf + r * m;
+            to_v[j] = v_buf + r * m;
+            v_rows[r] = to_v[j];
+            u_rows[r] = to_u[j];
+          }
+          outlier_sketch_rows(nb, coef, list, count, a.projection_t, m, m_o, from_v, from_u, to_u, to_v);
+        }
       }
       // score = wa (2 S_in - sum v) + wb (2 S_out - sum u), wa = c/m ||k_in||, wb = c/m_o ||k_out||,
       // S_in / S_out the sums of v / u over the key's set bits.
@@ -601,6 +703,51 @@ inline void dequantize_token(const DecodeArgs& a, const int32_t* codes, const fl
   }
 }
 
+#if QJL_ISA_LEVEL == 2
+// The 16 codes of channels [16 j, 16 j + 16) of one token as floats; a token's codes are packed
+// 32 / BITS per int32 word, least significant first.
+template <int BITS>
+inline __m512 codes16(const int32_t* codes, int64_t j) {
+  if (BITS == 2) {
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i word = _mm512_set1_epi32(codes[j]);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), _mm512_set1_epi32(3)));
+  }
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i words = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(codes[2 * j]), _mm512_set1_epi32(codes[2 * j + 1]));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), _mm512_set1_epi32(15)));
+}
+
+// acc[r][0..d) += sum_t p[r][t] * (code_t * scale_t + min_t) over n quantized tokens, for NR rows,
+// each token dequantized once in registers for all NR rows (64 channels at a time). Needs d and the
+// value group size to be multiples of 16 (every 16-channel vector lies in one group).
+template <int BITS, int NR>
+inline void accumulate_quantized(const DecodeArgs& a, const int32_t* codes, const float* scales, const float* mins,
+                                 int64_t n, const float* const* p, float* const* acc) {
+  const int64_t d = a.dim, groups = d / a.value_group, vectors_per_group = a.value_group / 16;
+  for (int64_t c = 0; c < d; c += 64) {
+    const int nv = d - c >= 64 ? 4 : static_cast<int>((d - c) / 16);
+    __m512 sums[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < 4; ++j) sums[r][j] = j < nv ? _mm512_loadu_ps(acc[r] + c + 16 * j) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const int32_t* token_codes = codes + t * a.words;
+      const float* s = scales + t * groups;
+      const float* z = mins + t * groups;
+      __m512 w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_ps(p[r][t]);
+      for (int j = 0; j < nv; ++j) {
+        const int64_t vec = c / 16 + j, g = vec / vectors_per_group;
+        const __m512 value = _mm512_fmadd_ps(codes16<BITS>(token_codes, vec), _mm512_set1_ps(s[g]), _mm512_set1_ps(z[g]));
+        for (int r = 0; r < NR; ++r) sums[r][j] = _mm512_fmadd_ps(w[r], value, sums[r][j]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < nv; ++j) _mm512_storeu_ps(acc[r] + c + 16 * j, sums[r][j]);
+  }
+}
+#endif
+
 // acc[r] += sum_t probs[r][t - t0] * value[t] over [t0, t1): blocks of kValueBlock tokens are
 // dequantized once (window tokens are read in place), then every row accumulates the block.
 template <int BITS>
@@ -613,6 +760,33 @@ inline void accumulate_values(const DecodeArgs& a, int64_t b, int64_t h, int64_t
   const int64_t groups = d / a.value_group, window_len = a.tokens - a.quantized;
   const float* window = a.window + bh * window_len * d;
   const float* value[kValueBlock];
+#if QJL_ISA_LEVEL == 2
+  if (d % 16 == 0 && a.value_group % 16 == 0 && t0 < a.quantized) {
+    // quantized tokens dequantized in registers, up to 4 rows at a time; the window below
+    const int64_t end = t1 < a.quantized ? t1 : a.quantized;
+    const float* p[4];
+    float* out[4];
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
+      for (int64_t r = 0; r < nr; ++r) {
+        p[r] = probs + (r0 + r) * span;
+        out[r] = acc + (r0 + r) * d;
+      }
+      const int32_t* c0 = codes + t0 * a.words;
+      const float* s0 = scales + t0 * groups;
+      const float* z0 = mins + t0 * groups;
+      switch (nr) {
+        case 4: accumulate_quantized<BITS, 4>(a, c0, s0, z0, end - t0, p, out); break;
+        case 3: accumulate_quantized<BITS, 3>(a, c0, s0, z0, end - t0, p, out); break;
+        case 2: accumulate_quantized<BITS, 2>(a, c0, s0, z0, end - t0, p, out); break;
+        default: accumulate_quantized<BITS, 1>(a, c0, s0, z0, end - t0, p, out); break;
+      }
+    }
+    if (end == t1) return;
+    probs += end - t0;  // the window tokens [end, t1) below, with probabilities from column end - t0
+    t0 = end;
+  }
+#endif
   for (int64_t tb = t0; tb < t1; tb += kValueBlock) {
     const int64_t n = t1 - tb < kValueBlock ? t1 - tb : kValueBlock;
     for (int64_t i = 0; i < n; ++i) {
@@ -636,11 +810,13 @@ void QJL_TASK_NAME(const DecodeArgs& a, int64_t b, int64_t h, int64_t t0, int64_
   float* logits = workspace;
   float* v_buf = logits + rows * span;
   float* u_buf = v_buf + rows * a.m;
-  float* deq = u_buf + rows * a.m;
+  float* base_v_buf = u_buf + rows * a.m;
+  float* base_u_buf = base_v_buf + rows * a.m;
+  float* deq = base_u_buf + rows * a.m;
 
   // 1-2. logits
   const int64_t split = a.committed < t0 ? t0 : (a.committed < t1 ? a.committed : t1);
-  if (split > t0) committed_logits(a, b, h, t0, split, t0, span, logits, v_buf, u_buf);
+  if (split > t0) committed_logits(a, b, h, t0, split, t0, span, logits, v_buf, u_buf, base_v_buf, base_u_buf);
   const float* q = a.query + bh * rows * d;
   const float* residual = a.residual + bh * (a.tokens - a.committed) * d;
   for (int64_t r = 0; r < rows; ++r) {
