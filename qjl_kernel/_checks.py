@@ -74,16 +74,7 @@ def quantize_keys_args(keys, outlier_indices, proj, outlier_sketch_dim) -> None:
     if n_out > dim:
         raise ValueError(f"outlier_indices has {n_out} channels per group, more than head_dim {dim}")
     if n_out and outlier_indices.numel():
-        # Range and distinctness in one device-to-host read (a sync on CUDA, which the range check
-        # needs anyway: kernels index with these). A repeated channel would silently give the group
-        # fewer outliers than n_out, and the backends need not agree on it.
-        ordered = outlier_indices.long().sort(dim=-1).values
-        repeated = (ordered[..., 1:] == ordered[..., :-1]).any() if n_out > 1 else ordered.new_zeros(())
-        low, high, duplicate = torch.stack([ordered[..., 0].min(), ordered[..., -1].max(), repeated.long()]).tolist()
-        if low < 0 or high >= dim:
-            raise ValueError(f"outlier_indices must lie in [0, {dim}), got values in [{low}, {high}]")
-        if duplicate:
-            raise ValueError("outlier_indices must name distinct channels within each group; got a repeated index")
+        outlier_channels(outlier_indices, dim)
     positive_multiple("outlier_sketch_dim", outlier_sketch_dim, 8, allow_zero=True)
     if outlier_sketch_dim > proj.shape[0]:
         raise ValueError(
@@ -91,6 +82,30 @@ def quantize_keys_args(keys, outlier_indices, proj, outlier_sketch_dim) -> None:
         )
     if n_out and not outlier_sketch_dim:
         raise ValueError("outlier_sketch_dim must be > 0 when outlier_indices selects channels")
+
+
+def outlier_channels(indices: torch.Tensor, dim: int) -> None:
+    """Every index in ``[0, dim)`` and none repeated within a group (a repeat would silently give the
+    group fewer outliers than n_out, and the backends need not agree on it; kernels index with these).
+
+    CPU tensors: checked here, with an error naming the values. Other devices: the check runs on the
+    device and never reads back to the host (that was a sync per ``quantize_keys``); bad indices fail
+    the device's assertion (a device-side assert at the next synchronization), with the same text."""
+    idx = indices.long()
+    low, high = idx.amin(), idx.amax()
+    # Per-group channel counts (indices clamped into range: the range has its own check).
+    counts = torch.zeros(*idx.shape[:-1], dim, dtype=torch.int32, device=idx.device)
+    counts.scatter_add_(-1, idx.clamp(0, dim - 1), torch.ones_like(idx, dtype=torch.int32))
+    repeated = (counts > 1).any()
+    if idx.device.type != "cpu":
+        ok = (low >= 0) & (high < dim) & ~repeated
+        torch._assert_async(ok, f"outlier_indices must lie in [0, {dim}) and name distinct channels within each group")
+        return
+    low, high, duplicate = torch.stack([low, high, repeated.long()]).tolist()
+    if low < 0 or high >= dim:
+        raise ValueError(f"outlier_indices must lie in [0, {dim}), got values in [{low}, {high}]")
+    if duplicate:
+        raise ValueError("outlier_indices must name distinct channels within each group; got a repeated index")
 
 
 def quantized_keys(keys) -> None:

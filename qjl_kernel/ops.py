@@ -3,14 +3,17 @@
 Each function validates its arguments (errors name the argument), then runs one of three backends:
 
 - ``cuda``: the CUDA kernels (``torch.ops.qjl.*`` from the extension ``qjl_kernel._C``, ``csrc/``);
-- ``triton``: the Triton kernels of :mod:`qjl_kernel.triton_ops` (compiled for GPU tensors; CPU
-  tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them);
+- ``triton``: the Triton kernels of :mod:`qjl_kernel.triton_ops` and, for the fused
+  ``decode_attention``, :mod:`qjl_kernel.triton_decode` (compiled for GPU tensors; CPU tensors only
+  under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them);
 - ``reference``: the pure-PyTorch references (:mod:`qjl_kernel.reference`, the spec).
 
 ``auto`` (the default) picks CUDA when the extension is built and every tensor is on a GPU, else
 Triton when it is importable and every tensor is on a GPU, else the reference. ``QJL_BACKEND`` /
-:func:`set_backend` / :func:`use_backend` force one. All four ops follow the same choice; float64
-inputs always use the reference (the kernels read float16, bfloat16 and float32).
+:func:`set_backend` / :func:`use_backend` force one. Every op follows the same choice (the fused
+``decode_attention`` also has a C++ kernel for CPU tensors, and falls back to a composition of the
+other ops on a CUDA build without its fused kernel); float64 inputs always use the reference (the
+kernels read float16, bfloat16 and float32).
 :func:`backend_for` names the backend for given tensors, :func:`backend_info` says what is available.
 """
 
@@ -22,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, reference, triton_ops
+from . import _checks, reference, triton_decode, triton_ops
 from .types import QuantizedKeys, QuantizedValues
 
 _KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,6 +51,7 @@ def _has_kernel(op: str, key: str) -> bool:
 
 _HAS_CUDA_KERNELS = _has_kernel("key_scores", "CUDA")
 _HAS_CPU_KERNELS = _has_kernel("decode_attention", "CPU")
+_HAS_CUDA_DECODE = _has_kernel("decode_attention", "CUDA")  # the fused CUDA kernel, when the build has it
 if _OPS is not None and not _HAS_CUDA_KERNELS:
     _EXTENSION_ERROR = "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
 
@@ -368,10 +372,12 @@ def decode_attention(
     attend) or None for the causal rule over the ``L`` newest tokens; ``scaling`` defaults to
     ``d ** -0.5``. Returns float32 ``[B, H_q, L, d]``. See :func:`reference.decode_attention_ref`.
 
-    CPU tensors run the C++ kernel (``torch.ops.qjl.decode_attention``) when the extension is
-    built and the backend is ``auto``; otherwise the step is composed from :func:`key_scores` and
-    :func:`value_matmul` (each on its own backend), or from the references when forced to
-    ``"reference"``."""
+    One fused kernel per backend: CPU tensors run the C++ kernel (``torch.ops.qjl.decode_attention``)
+    when the extension is built and the backend is ``auto``; GPU tensors run the Triton kernel
+    (:mod:`qjl_kernel.triton_decode`) on the ``triton`` backend, and the CUDA kernel on the ``cuda``
+    backend when the extension registers one. Otherwise (a CUDA build without the fused kernel,
+    float64 inputs) the step is composed from :func:`key_scores` and :func:`value_matmul` (each on its
+    own backend), or from the references when forced to ``"reference"``."""
     _checks.decode_attention_args(query, keys, projection, residual_keys, values, value_window, mask)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -382,8 +388,12 @@ def decode_attention(
 
 def decode_attention_unchecked(query, keys, projection, residual_keys, values, value_window, mask, scaling):
     """:func:`decode_attention` without the Python argument checks, for callers whose state is
-    consistent by construction (the caches, every decode step of every layer); the C++ kernel
-    still checks everything it reads."""
+    consistent by construction (the caches, every decode step of every layer); the C++ kernels
+    still check everything they read, the Triton kernel trusts its arguments.
+
+    Backends as :func:`decode_attention` says: the C++ CPU kernel, the Triton kernel
+    (``triton_decode.decode_attention``, one or two launches, no host synchronization), the fused CUDA
+    kernel (``torch.ops.qjl.decode_attention`` on CUDA tensors, when built), else the composed path."""
     if keys is not None and keys.num_tokens == 0:
         keys = None
     if values is not None and values.num_tokens == 0:
@@ -397,11 +407,20 @@ def decode_attention_unchecked(query, keys, projection, residual_keys, values, v
     floats = [query, residual_keys, value_window]
     floats += [] if keys is None else [keys.inlier_norms, keys.outlier_norms]
     floats += [] if values is None else [values.scales, values.mins]
-    if not _cpu_kernels_run(*tensors, floats=floats):
-        return reference.decode_attention_ref(
-            query, keys, projection, residual_keys, values, value_window, mask, float(scaling),
-            key_scores_fn=key_scores, value_matmul_fn=value_matmul,
-        )
+    if _cpu_kernels_run(*tensors, floats=floats):
+        fused = _OPS.decode_attention.default
+    else:
+        backend = backend_for(*tensors, *([] if mask is None else [mask]))
+        kernel_floats = all(t.dtype in _KERNEL_FLOATS for t in floats)
+        if backend == "triton" and kernel_floats:
+            fused = triton_decode.decode_attention
+        elif backend == "cuda" and kernel_floats and _HAS_CUDA_DECODE:
+            fused = _OPS.decode_attention.default
+        else:
+            return reference.decode_attention_ref(
+                query, keys, projection, residual_keys, values, value_window, mask, float(scaling),
+                key_scores_fn=key_scores, value_matmul_fn=value_matmul,
+            )
     kv_heads = residual_keys.shape[1]
     if keys is None:
         key_parts = _empty_keys(query, kv_heads)
@@ -413,7 +432,7 @@ def decode_attention_unchecked(query, keys, projection, residual_keys, values, v
     else:
         value_parts = (values.codes, values.scales, values.mins)
         value_bits, group_size = values.bits, values.group_size
-    return _OPS.decode_attention.default(
+    return fused(
         query, *key_parts, projection, residual_keys, *value_parts, value_window, mask, float(scaling),
         value_bits, group_size,
     )

@@ -12,12 +12,15 @@ tensors (and on GPU tensors through host copies), which is how CI tests them.
 
 Kernel design (numerics in ``qjl_kernel/TRITON.md``):
 
-- quantize_keys: program per (group, 32-token tile, tile of sketch rows); outlier mask built from the
-  indices in registers; ``tl.dot`` in IEEE float32 for ``k_in S^T`` and ``k_out S^T``; signs packed
-  eight to a byte with a reshape + shifted sum. Norms with ``sqrt_rn``, rounded to nearest even.
-- key_scores: program per (key group tile, tile of query rows of one KV head, batch x KV head);
-  ``S q`` is one float32 torch matmul in the wrapper; the kernel subtracts ``S[:, O] q_O`` per
-  sketch chunk and multiplies by +-1 signs decoded from the bytes in registers.
+- quantize_keys: program per (group, 32-token tile, tile of sketch rows); outlier channels (repeats
+  collapsed) read from the indices; ``k_in S^T`` by ``tl.dot`` in IEEE float32 over chunks of 16
+  channels (the whole head dimension at once spilled), ``k_out S^T`` from the gathered outlier
+  channels alone; signs packed eight to a byte with a reshape + shifted sum. Norms with ``sqrt_rn``,
+  rounded to nearest even.
+- key_scores: ``S q`` by a small kernel of float32 multiply-adds (a torch matmul may run in TF32),
+  reading the query and ``S`` through their strides (no copies); then a program per (key group tile,
+  tile of query rows of one KV head, batch x KV head) subtracts ``S[:, O] q_O`` per sketch chunk and
+  multiplies by +-1 signs decoded from the bytes in registers.
 - quantize_values: program per tile of rows; per-group min/max, IEEE division (``div_rn``), scale
   rounded to the storage dtype first, round-half-to-even codes, words packed with a reshape + sum.
 - value_matmul: program per (token split, query-row tile, batch x KV head); codes dequantized in
@@ -80,8 +83,23 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
+# Tests set this to run the interpreter with the compiled tile sizes (chunked loops included).
+TILES_AS_COMPILED = False
+
+
+def _big_tiles() -> bool:
+    """Tiles sized for the interpreter (numpy arrays: fewer, bigger steps) rather than for registers."""
+    return interpreted() and not TILES_AS_COMPILED
+
+
 def _budget() -> int:
-    return _BUDGET_INTERPRETED if interpreted() else _BUDGET_COMPILED
+    return _BUDGET_INTERPRETED if _big_tiles() else _BUDGET_COMPILED
+
+
+def _float32(projection: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The projection as float32 on ``device``: itself when it already is (the kernels read it through
+    its strides, so no layout copy either)."""
+    return projection.to(device=device, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,36 +108,52 @@ def _budget() -> int:
 
 
 def _quantize_keys_kernel(
-    keys_ptr, idx_ptr, s_ptr, bits_ptr, obits_ptr, nin_ptr, nout_ptr,
+    keys_ptr, idx_ptr, s_ptr, s_s0, s_s1, bits_ptr, obits_ptr, nin_ptr, nout_ptr,
     G, d, m, m_o, n_out,
-    NORM_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    NORM_KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
 ):
-    # keys [groups * G, d] dense; idx uint8 [groups, n_out]; S [m, d] float32 dense;
+    # keys [groups * G, d] dense; idx uint8 [groups, n_out]; S [m, d] float32 read through its strides;
     # bits [groups * G, m / 8], obits [groups * G, m_o / 8]; norms [groups * G] in the keys' dtype.
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles = (G + BLOCK_T - 1) // BLOCK_T
     group = (pid // tiles).to(tl.int64)
     offs_t = (pid % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
     t_ok = offs_t < G
-    d_ok = offs_d < d
     rows = group * G + offs_t  # [BT] global token rows
-    k = tl.load(keys_ptr + rows[:, None] * d + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    k = k.to(tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sketch rows of this program
+    m_ok = offs_m < m
 
-    # Outlier channels of this group (duplicates collapse, as the reference's scatter mask does).
+    # Outlier channels of this group; a channel named twice counts once (the reference's scatter
+    # mask), so later repeats become -1 like the padding.
     offs_o = tl.arange(0, BLOCK_O)
-    o_ok = offs_o < n_out
-    idx = tl.load(idx_ptr + group * n_out + offs_o, mask=o_ok, other=0).to(tl.int32)
-    idx = tl.where(o_ok, idx, -1)
-    is_out = tl.max((idx[:, None] == offs_d[None, :]).to(tl.int32), axis=0) > 0  # [BD]
-    k_out = tl.where(is_out[None, :], k, 0.0)
-    k_in = tl.where(is_out[None, :], 0.0, k)
+    idx = tl.load(idx_ptr + group * n_out + offs_o, mask=offs_o < n_out, other=0).to(tl.int32)
+    idx = tl.where(offs_o < n_out, idx, -1)
+    earlier = (idx[:, None] == idx[None, :]) & (offs_o[None, :] < offs_o[:, None])
+    idx = tl.where(tl.sum(earlier.to(tl.int32), axis=1) == 0, idx, -1)
+    o_ok = idx >= 0
+
+    # Inlier sketch k_in S^T, a chunk of BLOCK_K channels at a time: the FMA dot holds a chunk of its
+    # operands per thread, not the whole head dimension (which spilled).
+    sketch = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
+    sq_in = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < d
+        k = tl.load(keys_ptr + rows[:, None] * d + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        is_out = tl.max((idx[:, None] == offs_k[None, :]).to(tl.int32), axis=0) > 0  # [BK]
+        k_in = tl.where(is_out[None, :], 0.0, k.to(tl.float32))
+        sq_in += tl.sum(k_in * k_in, axis=1)
+        s_t = tl.load(s_ptr + offs_m[None, :] * s_s0 + offs_k[:, None] * s_s1, mask=k_ok[:, None] & m_ok[None, :],
+                      other=0.0)  # S^T chunk [BK, BM]
+        sketch = tl.dot(k_in, s_t, sketch, input_precision="ieee")
+    # Outlier part from the outlier channels alone: k_out [BT, BO] gathered, S[:, O]^T [BO, BM].
+    k_out = tl.load(keys_ptr + rows[:, None] * d + idx[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+    k_out = k_out.to(tl.float32)
 
     if pid_m == 0:
-        norm_in = tl.sqrt_rn(tl.sum(k_in * k_in, axis=1))
+        norm_in = tl.sqrt_rn(sq_in)
         norm_out = tl.sqrt_rn(tl.sum(k_out * k_out, axis=1))
         if NORM_KIND == 2:  # bfloat16, round to nearest even by hand (the interpreter truncates)
             b_in = norm_in.to(tl.uint32, bitcast=True)
@@ -132,42 +166,63 @@ def _quantize_keys_kernel(
             tl.store(nin_ptr + rows, norm_in.to(nin_ptr.dtype.element_ty), mask=t_ok)
             tl.store(nout_ptr + rows, norm_out.to(nout_ptr.dtype.element_ty), mask=t_ok)
 
-    # Sketch rows [pid_m * BM, (pid_m + 1) * BM): S^T tile [BD, BM]; the outlier sketch uses the
-    # same rows, limited to m_o.
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_t = tl.load(s_ptr + offs_m[None, :] * d + offs_d[:, None], mask=d_ok[:, None] & (offs_m < m)[None, :], other=0.0)
     shifts = (offs_m % 8)[None, :]
     offs_b = pid_m * (BLOCK_M // 8) + tl.arange(0, BLOCK_M // 8)
-
-    sketch = tl.dot(k_in, s_t, input_precision="ieee")  # [BT, BM]
     byte = tl.sum(tl.reshape((sketch > 0).to(tl.int32) << shifts, [BLOCK_T, BLOCK_M // 8, 8]), axis=2)
     row_bytes = m // 8
     tl.store(bits_ptr + rows[:, None] * row_bytes + offs_b[None, :], byte.to(tl.uint8),
              mask=t_ok[:, None] & (offs_b < row_bytes)[None, :])
 
-    if pid_m * BLOCK_M < m_o:
-        sketch = tl.dot(k_out, s_t, input_precision="ieee")
+    if pid_m * BLOCK_M < m_o:  # the outlier sketch uses the first m_o rows of S
+        s_o = tl.load(s_ptr + offs_m[None, :] * s_s0 + idx[:, None] * s_s1,
+                      mask=o_ok[:, None] & (offs_m < m_o)[None, :], other=0.0)  # S[:m_o, O]^T [BO, BM]
+        sketch = tl.dot(k_out, s_o, input_precision="ieee")
         byte = tl.sum(tl.reshape((sketch > 0).to(tl.int32) << shifts, [BLOCK_T, BLOCK_M // 8, 8]), axis=2)
         out_bytes = m_o // 8
         tl.store(obits_ptr + rows[:, None] * out_bytes + offs_b[None, :], byte.to(tl.uint8),
                  mask=t_ok[:, None] & (offs_b < out_bytes)[None, :])
 
 
+def _project_queries_kernel(
+    q_ptr, q_s0, q_s1, q_s2, q_s3, s_ptr, s_s0, s_s1, out_ptr,
+    H_q, L, rows, d, m,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # out [rows, m] float32 = q [B, H_q, L, d] (any strides, rows in (b, head, l) order) x S^T, S [m, d]
+    # through its strides; float32 multiply-adds (never TF32, whatever torch's matmul flags say).
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rows
+    q_row = (offs_r // (H_q * L)) * q_s0 + ((offs_r // L) % H_q) * q_s1 + (offs_r % L) * q_s2  # [BR]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < m
+    acc = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < d
+        q = tl.load(q_ptr + q_row[:, None] + offs_k[None, :] * q_s3, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        s_t = tl.load(s_ptr + offs_m[None, :] * s_s0 + offs_k[:, None] * s_s1, mask=k_ok[:, None] & m_ok[None, :],
+                      other=0.0)  # [BK, BM]
+        acc += tl.sum(q.to(tl.float32)[:, :, None] * s_t[None, :, :], axis=1)
+    tl.store(out_ptr + offs_r[:, None] * m + offs_m[None, :], acc, mask=r_ok[:, None] & m_ok[None, :])
+
+
 def _key_scores_kernel(
-    qs_ptr, q_ptr, st_ptr,
+    qs_ptr, q_ptr, q_s0, q_s1, q_s2, q_s3, s_ptr, s_s0, s_s1,
     bits_ptr, b_s0, b_s1, b_s2,
     obits_ptr, ob_s0, ob_s1, ob_s2,
     nin_ptr, ni_s0, ni_s1, ni_s2,
     nout_ptr, no_s0, no_s1, no_s2,
     idx_ptr, ix_s0, ix_s1, ix_s2,
     out_ptr,
-    H_kv, R, G, T, d, m, m_o, n_out, scale_in, scale_out,
+    H_kv, ratio, L, R, G, T, m, m_o, n_out, scale_in, scale_out,
     WITH_OUTLIERS: tl.constexpr, ADD_OUTLIER_SKETCH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # qs = S q [B * H_q * L, m] and q [B * H_q * L, d], float32 dense (rows of KV head (b, h) are
-    # bh * R .. bh * R + R - 1); st = S^T [d, m] float32 dense; state [B, H_kv, N, G, ...] read through
-    # the strides of dims 0..2; out [B * H_q * L, T] float32.
+    # qs = S q [B * H_q * L, m] float32 dense (rows of KV head (b, h) are bh * R .. bh * R + R - 1);
+    # q [B, H_q, L, d] and S [m, d] through their strides; state [B, H_kv, N, G, ...] read through the
+    # strides of dims 0..2; out [B * H_q * L, T] float32.
     pid0 = tl.program_id(0)
     pid_r = tl.program_id(1)
     bh = tl.program_id(2)
@@ -180,6 +235,7 @@ def _key_scores_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     qrow = bh.to(tl.int64) * R + offs_r  # [BR]
+    q_row = b * q_s0 + (h * ratio + offs_r // L) * q_s1 + (offs_r % L).to(tl.int64) * q_s2  # [BR]
 
     bits_base = bits_ptr + b * b_s0 + h * b_s1 + n * b_s2
     obits_base = obits_ptr + b * ob_s0 + h * ob_s1 + n * ob_s2
@@ -195,9 +251,9 @@ def _key_scores_kernel(
         if WITH_OUTLIERS:
             for o in range(0, n_out):
                 j = tl.load(idx_base + o).to(tl.int64)
-                q_o = tl.load(q_ptr + qrow * d + j, mask=r_ok, other=0.0)  # [BR]
-                s_row = tl.load(st_ptr + j * m + offs_m, mask=m_ok, other=0.0)  # [BM]
-                c += q_o[:, None] * s_row[None, :]
+                q_o = tl.load(q_ptr + q_row + j * q_s3, mask=r_ok, other=0.0).to(tl.float32)  # [BR]
+                s_col = tl.load(s_ptr + offs_m * s_s0 + j * s_s1, mask=m_ok, other=0.0)  # [BM]
+                c += q_o[:, None] * s_col[None, :]
             u = u - c
         byte = tl.load(bits_base + offs_t[:, None] * (m // 8) + (offs_m // 8)[None, :],
                        mask=t_ok[:, None] & m_ok[None, :], other=0).to(tl.int32)
@@ -325,7 +381,9 @@ def _value_matmul_kernel(
 
 
 _KERNEL_FUNCTIONS = {
-    f.__name__: f for f in (_quantize_keys_kernel, _key_scores_kernel, _quantize_values_kernel, _value_matmul_kernel)
+    f.__name__: f
+    for f in (_quantize_keys_kernel, _project_queries_kernel, _key_scores_kernel, _quantize_values_kernel,
+              _value_matmul_kernel)
 }
 _KERNELS: dict[str, object] = {}
 
@@ -374,17 +432,19 @@ def quantize_keys(keys: torch.Tensor, outlier_indices: torch.Tensor, projection:
     groups = B * H * N
     if groups == 0 or G == 0:
         return bits, outlier_bits, inlier_norms, outlier_norms
-    s = projection.to(device=dev, dtype=torch.float32).contiguous()
+    s = _float32(projection, dev)
     block_t, block_d = 32, _pow2(d, 16)
-    # S^T tile [BD, BM] and the [BT, BM] sketch stay in registers when compiled.
-    block_m = max(16, min(_pow2(m), 128 if interpreted() else (64 if block_d <= 128 else 32)))
+    if _big_tiles():  # one chunk of channels, wide sketch tiles: fewer interpreted steps
+        block_k, block_m = block_d, max(16, min(_pow2(m), 128))
+    else:  # [32, 16] x [16, 64] FMA dots: operands and the [32, 64] sketch stay in registers
+        block_k, block_m = 16, max(16, min(_pow2(m), 64))
     grid = (groups * triton.cdiv(G, block_t), triton.cdiv(m, block_m))
     with _on_device(dev):
         _kernel("_quantize_keys_kernel")[grid](
-            keys, outlier_indices, s, bits, outlier_bits, inlier_norms, outlier_norms,
+            keys, outlier_indices, s, s.stride(0), s.stride(1), bits, outlier_bits, inlier_norms, outlier_norms,
             G, d, m, m_o, n_out,
-            NORM_KIND=_KINDS[keys.dtype], BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_O=_pow2(n_out), num_warps=4,
+            NORM_KIND=_KINDS[keys.dtype], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_M=block_m,
+            BLOCK_O=_pow2(n_out, 16), num_warps=4,
         )
     return bits, outlier_bits, inlier_norms, outlier_norms
 
@@ -393,9 +453,29 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _project_queries(query: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``S q`` in float32 multiply-adds: query ``[B, H_q, L, d]`` (any strides, any float dtype) ->
+    ``[B * H_q * L, m]`` float32 dense. Not a torch matmul, which may run in TF32."""
+    B, H_q, L, d = query.shape
+    m = s.shape[0]
+    rows = B * H_q * L
+    out = torch.empty(rows, m, dtype=torch.float32, device=query.device)
+    block_r = min(_pow2(rows), 16)
+    block_m = max(16, min(_pow2(m), 64))
+    # [BR, BK, BM] products: 4k in registers, the whole head dimension at once when interpreted
+    block_k = _pow2(d, 16) if _big_tiles() else max(1, min(_pow2(d), 4096 // (block_r * block_m)))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(m, block_m))
+    _kernel("_project_queries_kernel")[grid](
+        query, *query.stride(), s, s.stride(0), s.stride(1), out,
+        H_q, L, rows, d, m,
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4,
+    )
+    return out
+
+
 def key_scores(query, bits, outlier_bits, inlier_norms, outlier_norms, outlier_indices, projection):
-    """query ``[B, H_q, L, d]`` x stored state (dims 0..2 may be strided) -> float32 scores
-    ``[B, H_q, L, N * G]`` as :func:`reference.key_scores_ref`."""
+    """query ``[B, H_q, L, d]`` (any strides) x stored state (dims 0..2 may be strided) -> float32
+    scores ``[B, H_q, L, N * G]`` as :func:`reference.key_scores_ref`."""
     B, H_q, L, d = query.shape
     _, H_kv, N, G, _ = bits.shape
     m, m_o, n_out = bits.shape[-1] * 8, outlier_bits.shape[-1] * 8, outlier_indices.shape[-1]
@@ -404,27 +484,28 @@ def key_scores(query, bits, outlier_bits, inlier_norms, outlier_norms, outlier_i
     out = torch.empty(B, H_q, L, T, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out
-    s = projection.to(device=dev, dtype=torch.float32)
-    q32 = query.to(torch.float32).contiguous()
-    q_sketch = torch.matmul(q32, s.t()).contiguous()  # S q: [B, H_q, L, m]
-    s_t = s.t().contiguous()  # S^T [d, m]: a row per outlier channel
-    R = (H_q // H_kv) * L
+    s = _float32(projection, dev)
+    ratio = H_q // H_kv
+    R = ratio * L
     block_r = min(_pow2(R), 8)
     block_t = min(_pow2(G, 2), 32)
-    block_m = max(8, min(_pow2(m, 8), _budget() // (block_r * block_t), 256))
+    # [BR, BT, BM] products within the budget; compiled, the [BT, BM] sign tile at most 32 x 64 too
+    # (one query row per KV head spilled with [32, 256] sign and byte tiles).
+    block_m = max(8, min(_pow2(m, 8), _budget() // (block_r * block_t), 256 if _big_tiles() else 64))
     grid = (N * triton.cdiv(G, block_t), triton.cdiv(R, block_r), B * H_kv)
     scale_in = math.sqrt(math.pi / 2) / m
     scale_out = math.sqrt(math.pi / 2) / m_o if m_o else 0.0
     with _on_device(dev):
+        q_sketch = _project_queries(query, s)  # S q: [B * H_q * L, m]
         _kernel("_key_scores_kernel")[grid](
-            q_sketch, q32, s_t,
+            q_sketch, query, *query.stride(), s, s.stride(0), s.stride(1),
             bits, *_strides3(bits),
             outlier_bits, *_strides3(outlier_bits),
             inlier_norms, *_strides3(inlier_norms),
             outlier_norms, *_strides3(outlier_norms),
             outlier_indices, *_strides3(outlier_indices),
             out,
-            H_kv, R, G, T, d, m, m_o, n_out, scale_in, scale_out,
+            H_kv, ratio, L, R, G, T, m, m_o, n_out, scale_in, scale_out,
             WITH_OUTLIERS=n_out > 0, ADD_OUTLIER_SKETCH=n_out > 0 and m_o > 0,
             BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_M=block_m, num_warps=4,
         )
@@ -468,7 +549,9 @@ def value_matmul(weights, codes, scales, mins, bits: int, group_size: int, *, mi
     R = (H_q // H_kv) * L
     block_d = _pow2(d, 16)
     block_r = min(_pow2(R), 8)
-    block_t = max(2, min(64, _budget() // (block_r * block_d)))
+    # [BR, BT, BD] products within the budget; compiled, the [BT, BD] code / scale / min tiles at most 2k
+    # elements too (one query row per KV head spilled with 64 x 128 tiles).
+    block_t = max(2, min(64, _budget() // (block_r * block_d), 1 << 20 if _big_tiles() else 2048 // block_d))
     row_tiles = triton.cdiv(R, block_r)
     least = min_tokens_per_split or _MIN_TOKENS_PER_SPLIT
     splits = triton.cdiv(T, least)

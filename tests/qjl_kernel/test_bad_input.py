@@ -120,3 +120,59 @@ def test_backend_override():
         with pytest.raises(RuntimeError, match="forced to 'cuda'"):
             qjl_kernel.quantize_values(x, 32, 2)
     assert qjl_kernel.backend_for(x) == "reference"
+
+
+def test_outlier_index_check_reports_values_on_cpu():
+    """CPU tensors: the check reads the indices back and names what is wrong."""
+    from qjl_kernel import _checks
+
+    _checks.outlier_channels(_outliers(), D)  # fine
+    with pytest.raises(ValueError, match=r"must lie in \[0, 64\), got values in \[0, 70\]"):
+        _checks.outlier_channels(_outliers().index_fill(-1, torch.tensor([2]), 70), D)
+    with pytest.raises(ValueError, match="distinct channels"):
+        _checks.outlier_channels(_outliers().index_fill(-1, torch.tensor([0, 1]), 5), D)
+
+
+def gpu_tier(test):
+    """GPU tier: ``pytest -m cuda`` on a machine with a CUDA GPU."""
+    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
+    return pytest.mark.cuda(test)
+
+
+@gpu_tier
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_quantize_keys_does_not_sync_on_gpu(backend):
+    """The index check must not read back to the host (it was a sync per quantize_keys call)."""
+    if backend == "triton" and qjl_kernel.backend_info().triton is None:
+        pytest.skip("triton is not importable")
+    keys, idx, proj = _keys().cuda(), _outliers().cuda(), _proj().cuda()
+    with qjl_kernel.use_backend(backend):
+        qjl_kernel.quantize_keys(keys, idx, proj, 64)  # compile / load before the sync check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            state = qjl_kernel.quantize_keys(keys, idx, proj, 64)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert state.bits.is_cuda
+
+
+@gpu_tier
+def test_bad_outlier_indices_fail_on_gpu():
+    """A repeated index on the GPU fails the device assertion (in a child: it ends the CUDA context)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, qjl_kernel\n"
+        "k = torch.randn(1, 2, 2, 8, 64, device='cuda')\n"
+        "i = torch.zeros(1, 2, 2, 4, dtype=torch.uint8, device='cuda')\n"  # channel 0 four times
+        "qjl_kernel.quantize_keys(k, i, torch.randn(128, 64, device='cuda'), 64)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "distinct channels" in out or "device-side assert" in out, out[-3000:]

@@ -55,17 +55,23 @@ KEY_CASES = [
     (2, 1, 4, 2, 20, 64, 64, 64, 0),  # GQA 4, partial group (20 tokens), no outliers, m = 64
     (1, 2, 4, 1, 40, 64, 512, 128, 8),  # group longer than a token tile, m = 512
     (1, 1, 1, 2, 16, 128, 136, 64, 8),  # m not a power of 2, m_o < m
+    (1, 1, 8, 1, 24, 96, 128, 0, 0),  # GQA 8, head_dim 96, m_o = 0 (no outlier bits at all)
 ]
-# (query length, state as a narrowed view of a bigger buffer, as the cache passes it)
-SCORE_LAYOUTS = [(1, True), (3, False)]
+# (query length, state as a narrowed view of a bigger buffer as the cache passes it, query a
+# non-contiguous view)
+SCORE_LAYOUTS = [(1, True, False), (3, False, False), (2, False, True)]
+# Cases run under the interpreter with the compiled tile sizes (the chunked loops over channels):
+# the paper configuration, and head_dim 96 with outliers and GQA 8.
+COMPILED_TILE_KEY_CASES = [KEY_CASES[0], (1, 1, 8, 1, 32, 96, 128, 64, 6)]
 # (leading shape, tokens, head_dim, group_size, bits)
 VALUE_CASES = [
     ((1, 2), 37, 128, 32, 2),
     ((2, 1), 20, 64, 64, 4),
     ((1, 1), 33, 128, 8, 2),  # group smaller than a packed word (16 codes)
     ((3,), 17, 64, 16, 4),  # rank 3 values
+    ((1, 1), 40, 96, 32, 2),  # head_dim 96
 ]
-GQA_RATIOS = [1, 4]
+GQA_RATIOS = [1, 4, 8]
 LONG_TOKENS = 600  # value_matmul over several token splits (256 tokens each at least)
 
 
@@ -74,8 +80,15 @@ LONG_TOKENS = 600  # value_matmul over several token splits (256 tokens each at 
 # ---------------------------------------------------------------------------------------------
 
 
-def check_quantize_keys(case, dtype, device="cpu"):
+def _column_major(projection):
+    """The same S seen through a transposed buffer (the kernels read S through its strides)."""
+    return projection.t().contiguous().t()
+
+
+def check_quantize_keys(case, dtype, device="cpu", column_major=False):
     keys, outliers, projection, m_o = keys_case(case, dtype, device)
+    if column_major:
+        projection = _column_major(projection)
     with qjl_kernel.use_backend("triton"):
         assert qjl_kernel.backend_for(keys) == "triton"
         got = qjl_kernel.quantize_keys(keys, outliers, projection, m_o)
@@ -88,12 +101,19 @@ def check_quantize_keys(case, dtype, device="cpu"):
     assert torch.equal(got.outlier_indices, want.outlier_indices)
 
 
-def check_key_scores(case, dtype, length, strided, device="cpu"):
+def check_key_scores(case, dtype, length, strided, transposed=False, device="cpu", column_major=False):
     keys, outliers, projection, m_o = keys_case(case, dtype, device)
+    if column_major:
+        projection = _column_major(projection)
     batch, kv_heads, ratio, *_ = case
     d = case[5]
     state = reference.quantize_keys_ref(keys, outliers, projection, m_o)
     query = torch.randn(batch, kv_heads * ratio, length, d, device=device, generator=generator(7, device)).to(dtype)
+    if transposed:  # the same values as a view of a [B, L, H_q, d + 8] buffer
+        buffer = torch.zeros(batch, length, kv_heads * ratio, d + 8, dtype=dtype, device=device)
+        buffer[..., :d] = query.transpose(1, 2)
+        query = buffer[..., :d].transpose(1, 2)
+        assert not query.is_contiguous()
     want = reference.key_scores_ref(query, state, projection)
     if strided:
         state = QuantizedKeys(*(narrowed(t, 3) for t in state))
@@ -144,6 +164,17 @@ def check_value_matmul(case, dtype, ratio, strided, device="cpu"):
     assert_matmul_close(got, want, weights, state, dtype)
 
 
+def check_compiled_tiles(case, dtype, device="cpu"):
+    """quantize_keys and key_scores with the tile sizes of the compiled kernels (chunks of channels),
+    S passed as a column-major view."""
+    triton_ops.TILES_AS_COMPILED = True
+    try:
+        check_quantize_keys(case, dtype, device, column_major=True)
+        check_key_scores(case, dtype, 1, True, False, device, column_major=True)
+    finally:
+        triton_ops.TILES_AS_COMPILED = False
+
+
 def check_value_matmul_splits(device="cpu"):
     """Enough tokens for several token splits, reduced by one sum."""
     state = reference.quantize_values_ref(
@@ -169,9 +200,12 @@ CASES: dict[str, tuple] = {}
 for _case in KEY_CASES:
     for _dt, _dtype in DTYPES.items():
         CASES[f"quantize_keys-{_key_id(_case)}-{_dt}"] = (check_quantize_keys, (_case, _dtype))
-        for _length, _strided in SCORE_LAYOUTS:
-            _layout = f"L{_length}{'-strided' if _strided else ''}"
-            CASES[f"key_scores-{_key_id(_case)}-{_dt}-{_layout}"] = (check_key_scores, (_case, _dtype, _length, _strided))
+        for _length, _strided, _transposed in SCORE_LAYOUTS:
+            _layout = f"L{_length}{'-strided' if _strided else ''}{'-query-view' if _transposed else ''}"
+            CASES[f"key_scores-{_key_id(_case)}-{_dt}-{_layout}"] = (
+                check_key_scores, (_case, _dtype, _length, _strided, _transposed))
+for _case in COMPILED_TILE_KEY_CASES:
+    CASES[f"compiled_tiles-{_key_id(_case)}-bf16"] = (check_compiled_tiles, (_case, torch.bfloat16))
 for _case in VALUE_CASES:
     for _dt, _dtype in DTYPES.items():
         for _ties in (False, True):
@@ -179,7 +213,7 @@ for _case in VALUE_CASES:
                 check_quantize_values, (_case, _dtype, _ties))
         if len(_case[0]) == 2:
             for _ratio in GQA_RATIOS:
-                _strided = _ratio == GQA_RATIOS[-1]
+                _strided = _ratio != 1
                 CASES[f"value_matmul-{_value_id(_case)}-{_dt}-r{_ratio}{'-strided' if _strided else ''}"] = (
                     check_value_matmul, (_case, _dtype, _ratio, _strided))
 CASES["value_matmul-splits"] = (check_value_matmul_splits, ())
@@ -313,8 +347,14 @@ GPU_VALUE_CASES = VALUE_CASES + [((2, 8), 130, 128, 32, 4)]
 @pytest.mark.parametrize("case", GPU_KEY_CASES, ids=_key_id)
 def test_gpu_triton_keys_match_reference(case, dtype):
     check_quantize_keys(case, dtype, "cuda")
-    for length, strided in SCORE_LAYOUTS:
-        check_key_scores(case, dtype, length, strided, "cuda")
+    for length, strided, transposed in SCORE_LAYOUTS:
+        check_key_scores(case, dtype, length, strided, transposed, "cuda")
+
+
+@gpu_tier
+@pytest.mark.parametrize("case", COMPILED_TILE_KEY_CASES, ids=_key_id)
+def test_gpu_triton_keys_column_major_projection(case):
+    check_compiled_tiles(case, torch.bfloat16, "cuda")
 
 
 @gpu_tier
@@ -336,6 +376,72 @@ def test_gpu_triton_long_context_splits():
         got = qjl_kernel.value_matmul(weights, state)
     torch.testing.assert_close(got, reference.value_matmul_ref(weights, state), rtol=1e-4, atol=1e-5)
     check_value_matmul_splits("cuda")
+
+
+# The benchmark's shapes (benchmarks/bench_gpu.py): Llama-3-8B, 32 query / 8 KV heads, d = 128,
+# m = 256, m_o = 256, 8 outliers, groups of 32 tokens, bfloat16; 2-bit values in groups of 32.
+BENCH_KEY_CASE = (1, 8, 4, 2048, 32, 128, 256, 256, 8)  # 65536 tokens
+
+
+def _score_bound(state, query, ratio, dtype, factor=1.0):
+    k_norm = (state.inlier_norms.float() ** 2 + state.outlier_norms.float() ** 2).sqrt()
+    k_norm = k_norm.flatten(2).repeat_interleave(ratio, dim=1)[:, :, None, :]
+    return factor * SCORE_ATOL[dtype] * query.float().norm(dim=-1, keepdim=True) * k_norm + 1e-6
+
+
+@gpu_tier
+def test_gpu_triton_long_context_at_benchmark_shapes():
+    """Key scores and value sums over 65536 tokens at the benchmark's shapes, against the references."""
+    dtype = torch.bfloat16
+    keys, outliers, projection, m_o = keys_case(BENCH_KEY_CASE, dtype, "cuda")
+    with qjl_kernel.use_backend("triton"):
+        state = qjl_kernel.quantize_keys(keys, outliers, projection, m_o)
+    want_state = reference.quantize_keys_ref(keys, outliers, projection, m_o)
+    for name in ("inlier_norms", "outlier_norms"):
+        torch.testing.assert_close(getattr(state, name), getattr(want_state, name), rtol=NORM_RTOL[dtype], atol=1e-6)
+    agree = (state.bits == want_state.bits).float().mean()
+    assert agree > 0.999, f"only {agree:.5f} of the sign bytes agree"  # rounding ties flip a few
+    del keys, want_state
+    query = torch.randn(1, 32, 1, 128, device="cuda").to(dtype)
+    with qjl_kernel.use_backend("triton"):
+        got = qjl_kernel.key_scores(query, state, projection)
+    want = reference.key_scores_ref(query, state, projection)
+    assert got.shape == (1, 32, 1, 65536)
+    err = (got - want).abs()
+    bound = _score_bound(state, query, 4, dtype)
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+
+    values = reference.quantize_values_ref(torch.randn(1, 8, 65536, 128, device="cuda").to(dtype), 32, 2)
+    weights = torch.randn(1, 32, 1, 65536, device="cuda").softmax(-1).to(dtype)
+    with qjl_kernel.use_backend("triton"):
+        out = qjl_kernel.value_matmul(weights, values)
+    assert_matmul_close(out, reference.value_matmul_ref(weights, values), weights, values, dtype)
+
+
+@gpu_tier
+def test_gpu_triton_key_scores_ignore_tf32():
+    """``S q`` stays IEEE float32 when torch lets matmuls use TF32 (inputs rounded to 10 mantissa bits
+    give errors up to ~2e-4 of |S| |q| at these shapes, 20x the bound below)."""
+    case = GPU_KEY_CASES[-2]  # Llama-3-8B shapes
+    dtype = torch.float32
+    keys, outliers, projection, m_o = keys_case(case, dtype, "cuda")
+    state = reference.quantize_keys_ref(keys, outliers, projection, m_o)
+    query = torch.randn(case[0], case[1] * case[2], 1, case[5], device="cuda")
+    want = reference.key_scores_ref(query, state, projection)  # TF32 off (torch's default)
+    exact = (query.double() @ projection.double().T).flatten(0, 2)
+    scale = query.abs().double() @ projection.abs().double().T
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with qjl_kernel.use_backend("triton"):
+            got = qjl_kernel.key_scores(query, state, projection)
+        sq = triton_ops._project_queries(query, projection)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert ((sq.double() - exact).abs() <= 1e-5 * scale.flatten(0, 2)).all()
+    err = (got - want).abs()
+    bound = _score_bound(state, query, case[2], dtype)
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
 
 
 @gpu_tier
