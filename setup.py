@@ -35,7 +35,15 @@ CPU_SOURCES = [
     "cpu/decode_kernel_avx512.cpp",
     "cpu/quantize_values_cpu.cpp",
 ]
-CUDA_SOURCES = ["ops.cpp", "quantize_keys.cu", "key_scores.cu", "quantize_values.cu", "value_matmul.cu"]
+CUDA_SOURCES = [
+    "ops.cpp",
+    "query_sketch.cu",
+    "quantize_keys.cu",
+    "key_scores.cu",
+    "quantize_values.cu",
+    "value_matmul.cu",
+    "decode_attention.cu",
+]
 # at::parallel_for runs its OpenMP loop only in code compiled with OpenMP (ATen/ParallelOpenMP.h).
 _OPENMP = sys.platform.startswith("linux")
 CXX_FLAGS = ["-O3"] + (["-fopenmp"] if _OPENMP else [])

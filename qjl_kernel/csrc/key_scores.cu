@@ -3,12 +3,15 @@
 //   score = c/m   * ||k_in||  * <S q - S[:, O] q_O, sign_in>
 //         + c/m_o * ||k_out|| * <S[:m_o, O] q_O,   sign_out>      c = sqrt(pi / 2)
 //
-// S q comes from one float32 matmul in the host wrapper. A warp owns one key group (G tokens sharing
+// S q comes from launch_query_sketch (exact float32). A warp owns one key group (G tokens sharing
 // outlier channels O) and a tile of RT query rows of its KV head (query head h reads KV head
 // h // ratio, so those rows are contiguous in [B, H_q, L]): it builds u = S q - S[:, O] q_O and
 // S[:m_o, O] q_O for its rows in shared memory, then each lane takes one token and walks its sign
 // bits 32 at a time, adding +-u by flipping the float's sign bit (no multiply, no unpacking).
-// The stored state may be a view along the token/group dim (dims 0..2 strided, inner dims dense).
+// The stored state may be a view along the token/group dim (dims 0..2 strided, inner dims dense);
+// the query is read through its strides. One flat grid: (batch * KV head, warp's group block, row
+// tile), row tile fastest so the blocks reading one group's bits run together; any number of
+// query rows (chunked prefill: ratio * L > 65535) fits.
 #include "device_utils.cuh"
 
 #include <algorithm>
@@ -63,15 +66,16 @@ __device__ __forceinline__ void sign_dot(const uint8_t* row, int nbits, const fl
 }
 
 template <int RT>
-__global__ void key_scores_kernel(const KeyScoresArgs a, int warp_floats) {
+__global__ void key_scores_kernel(const KeyScoresArgs a, int warp_floats, int64_t row_tiles, int64_t group_blocks) {
   extern __shared__ __align__(16) float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int N = a.N, G = a.G, d = a.d, m = a.m, m_o = a.m_o, n_out = a.n_out, R = a.R;
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
+  const int64_t tile = blockIdx.x % row_tiles, rest = blockIdx.x / row_tiles;
+  const int64_t g = (rest % group_blocks) * (blockDim.x >> 5) + warp;
   if (g >= N) return;  // warp-uniform; only warp-level syncs below
-  const int r0 = blockIdx.y * RT;
+  const int r0 = static_cast<int>(tile) * RT;
   const int rows = min(RT, R - r0);
-  const int bh = blockIdx.z, b = bh / a.H_kv, h = bh - b * a.H_kv;
+  const int bh = static_cast<int>(rest / group_blocks), b = bh / a.H_kv, h = bh - b * a.H_kv;
   const int64_t row0 = static_cast<int64_t>(bh) * R + r0;  // first query row of this tile
   const int64_t T = static_cast<int64_t>(N) * G;
 
@@ -85,7 +89,10 @@ __global__ void key_scores_kernel(const KeyScoresArgs a, int warp_floats) {
   __syncwarp();
   for (int e = lane; e < RT * n_out; e += 32) {
     const int r = e / n_out, o = e - r * n_out;
-    sqo[e] = r < rows ? a.query[(row0 + r) * d + sidx[o]] : 0.f;
+    const int rr = r0 + r;  // row of KV head h: query head h * ratio + rr / L, position rr % L
+    sqo[e] = r < rows ? load_fp(a.query.ptr, a.query.offset(b, h * a.ratio + rr / a.L, rr % a.L, sidx[o]),
+                                a.query.kind)
+                      : 0.f;
   }
   __syncwarp();
   for (int i = lane; i < m; i += 32) {
@@ -147,23 +154,27 @@ bool key_scores_config(const KeyScoresArgs& a, int* rows_per_warp, int* warps, s
   return true;
 }
 
+int64_t key_scores_blocks(const KeyScoresArgs& a, int rows_per_warp, int warps) {
+  const int64_t row_tiles = (a.R + rows_per_warp - 1) / rows_per_warp, group_blocks = (a.N + warps - 1) / warps;
+  return row_tiles * group_blocks * a.B * a.H_kv;
+}
+
 bool launch_key_scores(const KeyScoresArgs& a, int rows_per_warp, int warps, size_t smem_bytes, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((a.N + warps - 1) / warps),
-                  static_cast<unsigned>((a.R + rows_per_warp - 1) / rows_per_warp),
-                  static_cast<unsigned>(a.B * a.H_kv));
+  const int64_t row_tiles = (a.R + rows_per_warp - 1) / rows_per_warp, group_blocks = (a.N + warps - 1) / warps;
+  const dim3 grid(static_cast<unsigned>(key_scores_blocks(a, rows_per_warp, warps)));
   const int warp_floats = static_cast<int>(smem_bytes / sizeof(float) / warps);
   switch (rows_per_warp) {
     case 1:
-      key_scores_kernel<1><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats);
+      key_scores_kernel<1><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats, row_tiles, group_blocks);
       return true;
     case 2:
-      key_scores_kernel<2><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats);
+      key_scores_kernel<2><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats, row_tiles, group_blocks);
       return true;
     case 4:
-      key_scores_kernel<4><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats);
+      key_scores_kernel<4><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats, row_tiles, group_blocks);
       return true;
     case 8:
-      key_scores_kernel<8><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats);
+      key_scores_kernel<8><<<grid, 32 * warps, smem_bytes, stream>>>(a, warp_floats, row_tiles, group_blocks);
       return true;
     default:
       return false;

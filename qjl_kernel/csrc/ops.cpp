@@ -5,13 +5,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -45,6 +46,10 @@ Fp fp_kind(const at::Tensor& t, const char* name) {
 
 View3 view3(const at::Tensor& t) { return View3{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+View4 view4(const at::Tensor& t, Fp kind) {
+  return View4{t.data_ptr(), kind, t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
 // True when dims [first, dim) of t are dense (sizes of 1 may have any stride).
 bool inner_dense(const at::Tensor& t, int64_t first) {
   if (t.numel() == 0) return true;  // nothing is read (e.g. outlier bits when m_o = 0)
@@ -65,6 +70,45 @@ bool word_aligned(const at::Tensor& t, int64_t row_bytes) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 float qjl_scale(int64_t m) { return m > 0 ? static_cast<float>(std::sqrt(M_PI / 2.0) / static_cast<double>(m)) : 0.f; }
+
+// The projection S for key_scores and decode_attention. Callers should pass S in float32 (the caches
+// keep it so): it is then read in place through its strides, [m, d] contiguous or any view; another
+// dtype costs one conversion per call. The score kernels gather columns of S, so they read S^T
+// dense: a float32 S that is the transposed view of a dense [d, m] tensor serves as it is, else
+// the S q prologue (launch_query_sketch) writes S^T into the op's workspace in the same launch.
+struct Projection {
+  at::Tensor s;       // float32 [m, d]
+  bool dense_t;       // s.t() is dense: no S^T to write
+};
+
+Projection float_projection(const at::Tensor& projection) {
+  at::Tensor s = projection.scalar_type() == at::kFloat ? projection : projection.to(at::kFloat);
+  return {s, s.numel() > 0 && s.t().is_contiguous()};
+}
+
+// Launches the S q prologue into `sketch` ([rows, m]); S^T into `proj_t` unless S provides it;
+// column sums into `column_sums` when not null. Returns the S^T the score kernels read.
+const float* sketch_queries(const at::Tensor& query, Fp query_kind, const Projection& p, int64_t m_o,
+                            float* sketch, float* proj_t, float* column_sums, cudaStream_t stream) {
+  QuerySketchArgs q{};
+  q.query = view4(query, query_kind);
+  q.proj = p.s.data_ptr<float>();
+  q.ps0 = p.s.stride(0);
+  q.ps1 = p.s.stride(1);
+  q.q_sketch = sketch;
+  q.proj_t = p.dense_t ? nullptr : proj_t;
+  q.column_sums = column_sums;
+  q.rows = query.size(0) * query.size(1) * query.size(2);
+  q.H_q = static_cast<int>(query.size(1));
+  q.L = static_cast<int>(query.size(2));
+  q.d = static_cast<int>(query.size(3));
+  q.m = static_cast<int>(p.s.size(0));
+  q.m_o = static_cast<int>(m_o);
+  TORCH_CHECK(query_sketch_blocks(q) <= INT32_MAX, "too many query rows for one launch: ", query.sizes());
+  launch_query_sketch(q, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return p.dense_t ? p.s.data_ptr<float>() : proj_t;
+}
 
 }  // namespace
 
@@ -146,7 +190,7 @@ at::Tensor key_scores_cuda(const at::Tensor& query, const at::Tensor& bits, cons
   QJL_CHECK_DIM(outlier_norms, 4);
   QJL_CHECK_DIM(outlier_indices, 4);
   QJL_CHECK_DIM(projection, 2);
-  fp_kind(query, "query");
+  const Fp query_kind = fp_kind(query, "query");
   QJL_CHECK_DTYPE(bits, at::kByte);
   QJL_CHECK_DTYPE(outlier_bits, at::kByte);
   QJL_CHECK_DTYPE(outlier_indices, at::kByte);
@@ -182,18 +226,18 @@ at::Tensor key_scores_cuda(const at::Tensor& query, const at::Tensor& bits, cons
   at::Tensor out = at::empty({B, H_q, L, N * G}, query.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const int64_t R = (H_q / H_kv) * L;  // query rows per KV head, contiguous in [B, H_q, L]
-  TORCH_CHECK(B * H_kv <= kMaxGridYZ, "batch * KV heads (", B * H_kv, ") exceeds ", kMaxGridYZ);
-  TORCH_CHECK(R <= kMaxGridYZ, "query rows per KV head (", R, ") exceed ", kMaxGridYZ);
-  TORCH_CHECK(N <= INT32_MAX && G <= INT32_MAX, "too many key groups for one launch");
+  TORCH_CHECK(R <= INT32_MAX && N <= INT32_MAX && G <= INT32_MAX, "too many query rows or key groups for one launch");
 
-  const at::Tensor s = projection.to(at::kFloat);
-  const at::Tensor q32 = query.to(at::kFloat).contiguous();
-  const at::Tensor q_sketch = at::matmul(q32, s.t()).contiguous();  // S q: [B, H_q, L, m]
-  const at::Tensor proj_t = s.t().contiguous();                      // S^T: [d, m]
+  // S q in exact float32 (never TF32, whatever torch.backends.cuda.matmul.allow_tf32 says), and S^T.
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Projection p = float_projection(projection);
+  const int64_t rows = B * H_q * L;
+  at::Tensor workspace = at::empty({rows * m + (p.dense_t ? 0 : d * m)}, query.options().dtype(at::kFloat));
+  float* sketch = workspace.data_ptr<float>();
   KeyScoresArgs a{};
-  a.q_sketch = q_sketch.data_ptr<float>();
-  a.query = q32.data_ptr<float>();
-  a.proj_t = proj_t.data_ptr<float>();
+  a.proj_t = sketch_queries(query, query_kind, p, m_o, sketch, sketch + rows * m, nullptr, stream);
+  a.q_sketch = sketch;
+  a.query = view4(query, query_kind);
   a.bits = view3(bits);
   a.outlier_bits = view3(outlier_bits);
   a.inlier_norms = view3(inlier_norms);
@@ -204,6 +248,8 @@ at::Tensor key_scores_cuda(const at::Tensor& query, const at::Tensor& bits, cons
   a.out = out.data_ptr<float>();
   a.B = static_cast<int>(B);
   a.H_kv = static_cast<int>(H_kv);
+  a.ratio = static_cast<int>(H_q / H_kv);
+  a.L = static_cast<int>(L);
   a.R = static_cast<int>(R);
   a.N = static_cast<int>(N);
   a.G = static_cast<int>(G);
@@ -219,8 +265,10 @@ at::Tensor key_scores_cuda(const at::Tensor& query, const at::Tensor& bits, cons
   size_t smem = 0;
   TORCH_CHECK(key_scores_config(a, &rows_per_warp, &warps, &smem), "key_scores: sketch sizes m = ", m, ", m_o = ", m_o,
               " with ", n_out, " outliers need more than 48 KiB of shared memory per query row");
-  TORCH_CHECK(launch_key_scores(a, rows_per_warp, warps, smem, at::cuda::getCurrentCUDAStream()),
-              "key_scores: no kernel for ", rows_per_warp, " rows per warp");
+  TORCH_CHECK(key_scores_blocks(a, rows_per_warp, warps) <= INT32_MAX, "key_scores: too many query rows x key groups (",
+              R, " x ", N, ") for one launch");
+  TORCH_CHECK(launch_key_scores(a, rows_per_warp, warps, smem, stream), "key_scores: no kernel for ", rows_per_warp,
+              " rows per warp");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -340,6 +388,220 @@ at::Tensor value_matmul_cuda(const at::Tensor& weights, const at::Tensor& codes,
   TORCH_CHECK(launch_value_matmul(a, at::cuda::getCurrentCUDAStream()), "value_matmul: no kernel for bits = ", bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return splits == 1 ? partial.squeeze(0) : partial.sum(0);
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& bits, const at::Tensor& outlier_bits,
+                                 const at::Tensor& inlier_norms, const at::Tensor& outlier_norms,
+                                 const at::Tensor& outlier_indices, const at::Tensor& projection,
+                                 const at::Tensor& residual_keys, const at::Tensor& value_codes,
+                                 const at::Tensor& value_scales, const at::Tensor& value_mins,
+                                 const at::Tensor& value_window, const c10::optional<at::Tensor>& mask,
+                                 double scaling, int64_t value_bits, int64_t value_group_size) {
+  QJL_CHECK_CUDA(query);
+  QJL_CHECK_SAME_DEVICE(query, bits);
+  QJL_CHECK_SAME_DEVICE(query, outlier_bits);
+  QJL_CHECK_SAME_DEVICE(query, inlier_norms);
+  QJL_CHECK_SAME_DEVICE(query, outlier_norms);
+  QJL_CHECK_SAME_DEVICE(query, outlier_indices);
+  QJL_CHECK_SAME_DEVICE(query, projection);
+  QJL_CHECK_SAME_DEVICE(query, residual_keys);
+  QJL_CHECK_SAME_DEVICE(query, value_codes);
+  QJL_CHECK_SAME_DEVICE(query, value_scales);
+  QJL_CHECK_SAME_DEVICE(query, value_mins);
+  QJL_CHECK_SAME_DEVICE(query, value_window);
+  QJL_CHECK_DIM(query, 4);
+  QJL_CHECK_DIM(bits, 5);
+  QJL_CHECK_DIM(outlier_bits, 5);
+  QJL_CHECK_DIM(inlier_norms, 4);
+  QJL_CHECK_DIM(outlier_norms, 4);
+  QJL_CHECK_DIM(outlier_indices, 4);
+  QJL_CHECK_DIM(projection, 2);
+  QJL_CHECK_DIM(residual_keys, 4);
+  QJL_CHECK_DIM(value_codes, 4);
+  QJL_CHECK_DIM(value_scales, 4);
+  QJL_CHECK_DIM(value_mins, 4);
+  QJL_CHECK_DIM(value_window, 4);
+  const Fp query_kind = fp_kind(query, "query");
+  const Fp inlier_kind = fp_kind(inlier_norms, "inlier_norms");
+  const Fp outlier_kind = fp_kind(outlier_norms, "outlier_norms");
+  const Fp residual_kind = fp_kind(residual_keys, "residual_keys");
+  const Fp scale_kind = fp_kind(value_scales, "value_scales");
+  const Fp min_kind = fp_kind(value_mins, "value_mins");
+  const Fp window_kind = fp_kind(value_window, "value_window");
+  TORCH_CHECK(projection.is_floating_point(), "projection must be a float tensor, got ", projection.scalar_type());
+  QJL_CHECK_DTYPE(bits, at::kByte);
+  QJL_CHECK_DTYPE(outlier_bits, at::kByte);
+  QJL_CHECK_DTYPE(outlier_indices, at::kByte);
+  QJL_CHECK_DTYPE(value_codes, at::kInt);
+  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
+
+  const int64_t B = query.size(0), H_q = query.size(1), L = query.size(2), d = query.size(3);
+  const int64_t H_kv = bits.size(1), N = bits.size(2), G = bits.size(3), m = bits.size(4) * 8;
+  const int64_t m_o = outlier_bits.size(4) * 8, n_out = outlier_indices.size(3);
+  const int64_t T_c = N * G, R_len = residual_keys.size(2), T = T_c + R_len;
+  const int64_t T_q = value_codes.size(2), W = value_window.size(2);
+  TORCH_CHECK(L > 0, "query must hold at least one row (L > 0)");
+  TORCH_CHECK(H_kv > 0 && H_q % H_kv == 0, "query heads (", H_q, ") must be a multiple of KV heads (", H_kv, ")");
+  TORCH_CHECK(d >= 1 && d <= 256, "head_dim must be in [1, 256] (outlier indices are uint8), got ", d);
+  const std::vector<int64_t> lead{B, H_kv, N, G};
+  TORCH_CHECK(bits.size(0) == B, "bits must be [B = ", B, ", H_kv, n_groups, G, m / 8], got ", bits.sizes());
+  TORCH_CHECK(outlier_bits.sizes().slice(0, 4) == at::IntArrayRef(lead), "outlier_bits must be ",
+              at::IntArrayRef(lead), " + [m_o / 8], got ", outlier_bits.sizes());
+  TORCH_CHECK(inlier_norms.sizes() == at::IntArrayRef(lead) && outlier_norms.sizes() == at::IntArrayRef(lead),
+              "inlier_norms / outlier_norms must be ", at::IntArrayRef(lead), ", got ", inlier_norms.sizes(), " / ",
+              outlier_norms.sizes());
+  TORCH_CHECK(outlier_indices.sizes().slice(0, 3) == at::IntArrayRef(lead).slice(0, 3),
+              "outlier_indices must be [B, H_kv, n_groups, n_out] = ", at::IntArrayRef(lead).slice(0, 3),
+              " + [n_out], got ", outlier_indices.sizes());
+  TORCH_CHECK(n_out <= d, "outlier_indices selects ", n_out, " channels, more than head_dim ", d);
+  TORCH_CHECK(m_o <= m, "outlier sketch (", m_o, " bits) larger than the sketch (", m, " bits)");
+  TORCH_CHECK(T_c == 0 || m > 0, "bits must hold a sketch of m > 0 coordinates");
+  TORCH_CHECK(T_c == 0 || (projection.size(0) == m && projection.size(1) == d), "projection must be [m = ", m,
+              ", d = ", d, "], got ", projection.sizes());
+  TORCH_CHECK(residual_keys.size(0) == B && residual_keys.size(1) == H_kv && residual_keys.size(3) == d,
+              "residual_keys must be [B = ", B, ", H_kv = ", H_kv, ", R, d = ", d, "], got ", residual_keys.sizes());
+  TORCH_CHECK(value_window.size(0) == B && value_window.size(1) == H_kv && value_window.size(3) == d,
+              "value_window must be [B = ", B, ", H_kv = ", H_kv, ", W, d = ", d, "], got ", value_window.sizes());
+  TORCH_CHECK(T_q + W == T, "values hold ", T_q, " quantized + ", W, " window tokens but keys hold ", T_c,
+              " committed + ", R_len, " residual: the two must cover the same tokens");
+  TORCH_CHECK(T > 0, "the layer holds no tokens");
+  const int64_t per_word = 32 / value_bits;
+  if (T_q > 0) {  // no quantized values: the value tensors are placeholders and unread
+    TORCH_CHECK(value_group_size > 0 && d % value_group_size == 0,
+                "value_group_size must be a positive divisor of head_dim ", d, ", got ", value_group_size);
+    TORCH_CHECK(d % per_word == 0, "head_dim ", d, " must be a multiple of ", per_word, " for ", value_bits,
+                "-bit codes");
+    const std::vector<int64_t> code_shape{B, H_kv, T_q, d / per_word};
+    const std::vector<int64_t> group_shape{B, H_kv, T_q, d / value_group_size};
+    TORCH_CHECK(value_codes.sizes() == at::IntArrayRef(code_shape), "value_codes must be ",
+                at::IntArrayRef(code_shape), ", got ", value_codes.sizes());
+    TORCH_CHECK(value_scales.sizes() == at::IntArrayRef(group_shape) &&
+                    value_mins.sizes() == at::IntArrayRef(group_shape),
+                "value_scales / value_mins must be ", at::IntArrayRef(group_shape), ", got ", value_scales.sizes(),
+                " / ", value_mins.sizes());
+  }
+  TORCH_CHECK(inner_dense(bits, 3) && inner_dense(outlier_bits, 3),
+              "bits and outlier_bits must be dense in their last two dims [G, m/8] (views along dims 0..2 are fine)");
+  TORCH_CHECK(inner_dense(inlier_norms, 3) && inner_dense(outlier_norms, 3) && inner_dense(outlier_indices, 3),
+              "inlier_norms, outlier_norms and outlier_indices must be dense in their last dim");
+  TORCH_CHECK(inner_dense(residual_keys, 3) && inner_dense(value_window, 3),
+              "residual_keys and value_window must be dense in their last dim (views along dims 0..2 are fine)");
+  TORCH_CHECK(inner_dense(value_codes, 3) && inner_dense(value_scales, 3) && inner_dense(value_mins, 3),
+              "value_codes, value_scales and value_mins must be dense in their last dim");
+  const uint8_t* mask_ptr = nullptr;
+  int64_t ms0 = 0, ms1 = 0, ms2 = 0;
+  if (mask.has_value() && mask->defined()) {
+    QJL_CHECK_SAME_DEVICE(query, *mask);
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool (True = attend), got ", mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 3 && (mask->size(0) == B || mask->size(0) == 1) && mask->size(1) == L &&
+                    mask->size(2) == T,
+                "mask must be [B = ", B, " (or 1), L = ", L, ", T = ", T, "], got ", mask->sizes());
+    mask_ptr = static_cast<const uint8_t*>(mask->data_ptr());  // bool is one byte, 0 or 1
+    ms0 = mask->size(0) == 1 ? 0 : mask->stride(0);
+    ms1 = mask->stride(1);
+    ms2 = mask->stride(2);
+  }
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto f32 = query.options().dtype(at::kFloat);
+  at::Tensor output = at::empty({B, H_q, L, d}, f32);
+  if (B == 0 || H_q == 0) return output;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  DecodeArgs a{};
+  a.B = static_cast<int>(B);
+  a.H_kv = static_cast<int>(H_kv);
+  a.ratio = static_cast<int>(H_q / H_kv);
+  a.L = static_cast<int>(L);
+  a.d = static_cast<int>(d);
+  a.m = static_cast<int>(m);
+  a.m_o = static_cast<int>(m_o);
+  a.n_out = static_cast<int>(n_out);
+  a.G = static_cast<int>(std::max<int64_t>(G, 1));
+  a.value_bits = static_cast<int>(value_bits);
+  a.value_group = static_cast<int>(T_q > 0 ? value_group_size : 1);
+  a.T = T;
+  a.T_c = T_c;
+  a.T_q = T_q;
+  const int64_t R = (H_q / H_kv) * L;  // query rows per KV head
+  TORCH_CHECK(B * H_q * L <= INT32_MAX && R <= INT32_MAX && G <= INT32_MAX, "too many query rows for one launch");
+  a.row_chunks = static_cast<int>(ceil_div(R, decode_max_rows(a.d, a.value_bits)));
+  a.rows_per_block = static_cast<int>(ceil_div(R, a.row_chunks));
+  // Token splits: about four blocks per SM, at least 256 tokens each, committed parts in whole groups.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t heads = a.row_chunks * B * H_kv;
+  int64_t span = std::max<int64_t>(kMinTokensPerSplit, ceil_div(T, ceil_div(4 * sms, heads)));
+  if (T_c > 0) span = ceil_div(span, G) * G;
+  a.span = span;
+  a.splits = ceil_div(T, span);
+  TORCH_CHECK(a.splits * heads <= INT32_MAX, "decode_attention: too many blocks for one launch");
+  a.scale_in = qjl_scale(m);
+  a.scale_out = qjl_scale(m_o);
+  a.logit_scale = static_cast<float>(scaling * 1.4426950408889634);  // log2(e): the kernel uses exp2
+
+  // Workspace: S q [rows, m], S^T [d, m], column sums and max row norm [2 d + 1], split partials
+  // [splits, rows, d + 2].
+  const int64_t rows_total = B * H_q * L;
+  const int64_t sketch_floats = T_c > 0 ? rows_total * m + d * m + 2 * d + 1 : 0;
+  const int64_t partial_floats = a.splits > 1 ? a.splits * rows_total * (d + 2) : 0;
+  at::Tensor workspace = at::empty({sketch_floats + partial_floats}, f32);
+  float* ws = workspace.data_ptr<float>();
+  a.query = view4(query, query_kind);
+  if (T_c > 0) {
+    const Projection p = float_projection(projection);
+    a.q_sketch = ws;
+    a.column_sums = ws + rows_total * m + d * m;
+    a.proj_t = sketch_queries(query, query_kind, p, m_o, ws, ws + rows_total * m, ws + rows_total * m + d * m, stream);
+    a.bits = view3(bits);
+    a.outlier_bits = view3(outlier_bits);
+    a.inlier_norms = view3(inlier_norms);
+    a.outlier_norms = view3(outlier_norms);
+    a.outlier_indices = view3(outlier_indices);
+    a.inlier_kind = inlier_kind;
+    a.outlier_kind = outlier_kind;
+    a.in_words = word_aligned(bits, m / 8);
+    a.out_words = word_aligned(outlier_bits, m_o / 8);
+  }
+  a.residual = view3(residual_keys);
+  a.residual_kind = residual_kind;
+  if (T_q > 0) {
+    a.codes = view3(value_codes);
+    a.scales = view3(value_scales);
+    a.mins = view3(value_mins);
+  }
+  a.scale_kind = scale_kind;
+  a.min_kind = min_kind;
+  a.window = view3(value_window);
+  a.window_kind = window_kind;
+  a.mask = mask_ptr;
+  a.ms0 = ms0;
+  a.ms1 = ms1;
+  a.ms2 = ms2;
+  a.out = output.data_ptr<float>();
+  if (a.splits > 1) {
+    a.part_acc = ws + sketch_floats;
+    a.part_max = a.part_acc + a.splits * rows_total * d;
+    a.part_sum = a.part_max + a.splits * rows_total;
+  }
+
+  // Committed scores on tensor cores where the shapes allow (decode_tensor_cores_fit) on sm_80+;
+  // QJL_DECODE_TENSOR_CORES=0 forces the CUDA-core path (tests run both).
+  const char* tc_env = std::getenv("QJL_DECODE_TENSOR_CORES");
+  const bool tc_allowed = tc_env == nullptr || std::string(tc_env) != "0";
+  a.tensor_cores = tc_allowed && at::cuda::getCurrentDeviceProperties()->major >= 8 && decode_tensor_cores_fit(a);
+
+  DecodeLayout layout{};
+  const size_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(decode_layout(a, max_smem, &layout), "decode_attention: sketch sizes m = ", m, ", m_o = ", m_o,
+              " need ", layout.bytes, " bytes of shared memory per block, more than the ", max_smem, " this GPU has");
+  TORCH_CHECK(launch_decode_attention(a, layout, stream), "decode_attention: no kernel for ", value_bits,
+              "-bit values and ", layout.row_accumulators, " rows per thread");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.splits > 1) {
+    launch_decode_merge(a, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return output;
 }
 
 }  // namespace qjl

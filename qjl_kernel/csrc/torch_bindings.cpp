@@ -47,6 +47,7 @@ TORCH_LIBRARY_IMPL(qjl, CUDA, m) {
   m.impl("key_scores", &qjl::key_scores_cuda);
   m.impl("quantize_values", &qjl::quantize_values_cuda);
   m.impl("value_matmul", &qjl::value_matmul_cuda);
+  m.impl("decode_attention", &qjl::decode_attention_cuda);
 }
 #endif
 

@@ -5,7 +5,10 @@
 // Grid (token split, row tile, batch * KV head). In a block of 128 threads, W = d * bits / 32
 // threads share a token (one int32 word, 32/bits channels each) and 128 / W tokens are in flight;
 // every thread keeps RT rows x 32/bits channels of partial sums (64 floats). Partial sums are
-// reduced through shared memory, then across token splits with one deterministic at::sum.
+// reduced through shared memory, then across token splits with one deterministic at::sum. The
+// reduction array is [accumulator][thread] with a pitch of kThreads + (W mod 32) floats: stores by
+// consecutive threads and loads ordered word-fastest both hit 32 distinct banks (the earlier
+// [slot][row][channel] layout put the 16 channels of a word 16 floats apart: 16-way conflicts).
 // Weights may have any strides; codes/scales/mins may be views along dim 2 (inner dim dense).
 #include "device_utils.cuh"
 
@@ -20,7 +23,7 @@ __global__ void __launch_bounds__(kThreads) value_matmul_kernel(const ValueMatmu
   constexpr int kPerWord = 32 / BITS;
   constexpr int RT = kAccumulators / kPerWord;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  __shared__ float red[kThreads * kAccumulators];  // [slot][RT][d]
+  __shared__ float red[kAccumulators * (kThreads + 32)];  // [r * kPerWord + j][pitch]
 
   const int H_kv = a.H_kv, ratio = a.ratio, L = a.L, d = a.d, group_size = a.group_size;
   const int64_t T = a.T, tokens_per_split = a.tokens_per_split;
@@ -71,20 +74,25 @@ __global__ void __launch_bounds__(kThreads) value_matmul_kernel(const ValueMatmu
         for (int r = 0; r < RT; ++r) acc[r][j] = fmaf(wr[r], v, acc[r][j]);
       }
     }
+  }
+  const int pitch = kThreads + (W & 31);  // pitch = W (mod 32)
+  if (slot < slots) {
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
-      for (int j = 0; j < kPerWord; ++j) red[(slot * RT + r) * d + c0 + j] = acc[r][j];
+      for (int j = 0; j < kPerWord; ++j) red[(r * kPerWord + j) * pitch + tid] = acc[r][j];
   }
   __syncthreads();
 
   const int64_t row0 = static_cast<int64_t>(bh) * R + r0;  // rows of KV head h are contiguous in [B*H_q*L]
   const int64_t n_rows_total = static_cast<int64_t>(gridDim.z) * R;
   float* dst = a.partial + static_cast<int64_t>(blockIdx.x) * n_rows_total * d;
+  // e = accumulator * W + word: a warp reads (accumulator * pitch + s * W + word), 32 distinct banks.
   for (int e = tid; e < rows * d; e += kThreads) {
-    const int r = e / d, c = e - r * d;
+    const int acc_index = e / W, word = e - acc_index * W;
+    const int r = acc_index / kPerWord, c = word * kPerWord + (acc_index - r * kPerWord);
     float sum = 0.f;
-    for (int s = 0; s < slots; ++s) sum += red[(s * RT + r) * d + c];
+    for (int s = 0; s < slots; ++s) sum += red[acc_index * pitch + s * W + word];
     dst[(row0 + r) * d + c] = sum;
   }
 }

@@ -4,8 +4,10 @@ Oracles and tolerances (docs/DESIGN.md section 6, csrc/README.md):
 - quantize_keys: sign bits bit-exact wherever the float64 sketch is farther from 0 than
   SIGN_MARGIN x sum_j |S_ij k_j| (float32 sums in another order may round a near-zero coordinate to
   the other sign: the documented rounding-tie exception); norms within NORM_RTOL[dtype].
-- key_scores: both paths compute in float32 from the same inputs, so they differ only by summation
-  order: |cuda - ref| <= SCORE_ATOL[dtype] * ||q|| * ||k||.
+- key_scores: both paths compute in float32 from the same inputs (S q included: exact float32 on
+  the CUDA path whatever torch.backends.cuda.matmul.allow_tf32 says; the reference runs with TF32 off
+  in the tests that compare against it), so they differ only by summation order:
+  |cuda - ref| <= SCORE_ATOL[dtype] * ||q|| * ||k||.
 - quantize_values: codes, scales and mins bit-exact against the CPU reference (the reference run on
   CUDA divides by 2^b - 1 through a float32 reciprocal, a different rounding).
 - value_matmul: the same dequantized values on both paths, float32 sums in another order:
@@ -75,6 +77,17 @@ def test_quantize_keys_matches_reference(case, dtype, seed):
     assert torch.equal(got.outlier_indices, want.outlier_indices)
 
 
+def assert_scores_close(got, want, state, query, dtype):
+    """|got - want| <= SCORE_ATOL[dtype] * ||q|| * ||k|| for every query row and key."""
+    assert got.shape == want.shape and got.dtype == torch.float32
+    ratio = query.shape[1] // state.bits.shape[1]
+    k_norm = (state.inlier_norms.float() ** 2 + state.outlier_norms.float() ** 2).sqrt()
+    k_norm = k_norm.flatten(2).repeat_interleave(ratio, dim=1)[:, :, None, :]  # [B, H_q, 1, T]
+    bound = SCORE_ATOL[dtype] * query.float().norm(dim=-1, keepdim=True) * k_norm + 1e-6
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+
+
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("length", QUERY_LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,12 +101,116 @@ def test_key_scores_matches_reference(case, dtype, length, strided):
     if strided:
         state = QuantizedKeys(*(narrowed(t, 3) for t in state))
     got = qjl_kernel.key_scores(query, state, proj)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    k_norm = (state.inlier_norms.float() ** 2 + state.outlier_norms.float() ** 2).sqrt()
-    k_norm = k_norm.flatten(2).repeat_interleave(ratio, dim=1)[:, :, None, :]  # [B, H_q, 1, T]
-    bound = SCORE_ATOL[dtype] * query.float().norm(dim=-1, keepdim=True) * k_norm + 1e-6
-    err = (got - want).abs()
-    assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+    assert_scores_close(got, want, state, query, dtype)
+
+
+# Defects of a static review (issue 15), one test each.
+@pytest.fixture
+def tf32_off():
+    """The reference's own matmuls in exact float32 (restores the user's setting)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_key_scores_ignore_allow_tf32(tf32_off):
+    """S q is summed in exact float32 by the op's own kernel, whatever allow_tf32 says (at::matmul
+    used TF32 when the user enabled it: 10-bit products)."""
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[1], torch.bfloat16, "cuda", 0)
+    state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
+    query = torch.randn(2, 32, 3, 128, device="cuda", generator=generator(3, "cuda"), dtype=torch.bfloat16) * 4
+    exact = qjl_kernel.key_scores(query, state, proj)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with_tf32 = qjl_kernel.key_scores(query, state, proj)
+    assert torch.equal(exact, with_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_scores_close(exact, reference.key_scores_ref(query, state, proj), state, query, torch.bfloat16)
+
+
+def test_key_scores_more_than_65535_rows_per_kv_head(tf32_off):
+    """Chunked prefill: ratio * L = 4 * 16400 query rows per KV head (once a grid dimension capped at 65535)."""
+    keys, outliers, proj, m_o = keys_case((1, 1, 4, 1, 32, 64, 64, 64, 4), torch.float16, "cuda", 0)
+    state = reference.quantize_keys_ref(keys, outliers, proj, m_o)
+    query = torch.randn(1, 4, 16400, 64, device="cuda", generator=generator(5, "cuda"), dtype=torch.float16)
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert_scores_close(got, reference.key_scores_ref(query, state, proj), state, query, torch.float16)
+
+
+def test_key_scores_over_64k_tokens(tf32_off):
+    """65536 keys (2048 groups of 32) per KV head, Llama-3-8B shapes, paper configuration."""
+    keys, outliers, proj, m_o = keys_case((1, 2, 4, 2048, 32, 128, 256, 256, 8), torch.bfloat16, "cuda", 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    query = torch.randn(1, 8, 1, 128, device="cuda", generator=generator(6, "cuda"), dtype=torch.bfloat16)
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert_scores_close(got, reference.key_scores_ref(query, state, proj), state, query, torch.bfloat16)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_key_scores_without_outlier_sketch(strided, tf32_off):
+    """m_o = 0 and no outliers (config/qjl_runtime_llama3.json): the outlier bits are [.., G, 0]
+    (an empty tensor counts as dense; the density check once rejected it), GQA 4."""
+    keys, outliers, proj, m_o = keys_case((2, 8, 4, 3, 32, 128, 256, 0, 0), torch.bfloat16, "cuda", 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    assert state.outlier_bits.shape[-1] == 0
+    if strided:
+        state = QuantizedKeys(*(narrowed(t, 5) for t in state))
+    query = torch.randn(2, 32, 2, 128, device="cuda", generator=generator(8, "cuda"), dtype=torch.bfloat16)
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert_scores_close(got, reference.key_scores_ref(query, state, proj), state, query, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_scores_head_dim_96(dtype, tf32_off):
+    keys, outliers, proj, m_o = keys_case((2, 2, 3, 3, 32, 96, 256, 128, 6), dtype, "cuda", 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    query = torch.randn(2, 6, 3, 96, device="cuda", generator=generator(9, "cuda")).to(dtype)
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert_scores_close(got, reference.key_scores_ref(query, state, proj), state, query, dtype)
+
+
+def test_key_scores_non_contiguous_query(tf32_off):
+    """The model's query: [B, L, H_q, d] transposed to [B, H_q, L, d], read through its strides."""
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[1], torch.float16, "cuda", 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    query = torch.randn(2, 3, 32, 128, device="cuda", generator=generator(4, "cuda"), dtype=torch.float16).transpose(1, 2)
+    assert not query.is_contiguous()
+    got = qjl_kernel.key_scores(query, state, proj)
+    assert torch.equal(got, qjl_kernel.key_scores(query.contiguous(), state, proj))
+    assert_scores_close(got, reference.key_scores_ref(query, state, proj), state, query, torch.float16)
+
+
+def _copies_made(fn) -> list[str]:
+    """Names of the copy ops (dtype conversions, contiguous copies) fn dispatches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.key for e in prof.key_averages() if e.key in ("aten::_to_copy", "aten::copy_", "aten::clone")]
+
+
+def test_key_scores_read_a_float32_projection_in_place():
+    """No copy of the projection per call when it is float32 (contiguous [m, d] or S^T's view), nor of the query."""
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[1], torch.bfloat16, "cuda", 0)
+    state = qjl_kernel.quantize_keys(keys, outliers, proj, m_o)
+    query = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    args = (query, *state[:4], state.outlier_indices)
+    assert proj.dtype == torch.float32 and proj.is_contiguous()
+    proj_t_view = proj.t().contiguous().t()
+    out = torch.ops.qjl.key_scores.default(*args, proj)
+    assert torch.equal(out, torch.ops.qjl.key_scores.default(*args, proj_t_view))
+    assert _copies_made(lambda: torch.ops.qjl.key_scores.default(*args, proj)) == []
+    assert _copies_made(lambda: torch.ops.qjl.key_scores.default(*args, proj_t_view)) == []
+
+
+# (head_dim, bits): code words per token W = d * bits / 32 = 6, 8, 10, 16, 32, 8: the reduction's
+# pitch kThreads + (W mod 32) for W below, equal to and above a warp, W not dividing 32.
+@pytest.mark.parametrize("d,bits", [(96, 2), (128, 2), (80, 4), (256, 2), (256, 4), (64, 4)])
+def test_value_matmul_reduction_layout(d, bits):
+    """value_matmul's slot reduction (conflict-free [accumulator][thread] layout, once a 16-way
+    bank conflict): every word count W, partial row tiles, several token slots per block."""
+    state = reference.quantize_values_ref(_values((2, 2), 300, d, torch.float32, 3), 16, bits)
+    weights = torch.rand(2, 10, 3, 300, device="cuda", generator=generator(4, "cuda"))
+    got = qjl_kernel.value_matmul(weights, state)
+    assert_matmul_close(got, reference.value_matmul_ref(weights, state), weights, state, torch.float32)
 
 
 def test_key_scores_single_row_query():
