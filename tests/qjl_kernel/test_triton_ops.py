@@ -22,19 +22,14 @@ Oracles and tolerances (as tests/qjl_kernel/test_cuda_ops.py):
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import time
-import traceback
-from pathlib import Path
 
 import torch
 
 import qjl_kernel
 from qjl_kernel import QuantizedKeys, reference, triton_ops
 from qjl_kernel import ops as qjl_ops
+from interpreted_cases import child_main, child_results, run_cases
 from op_oracles import (
     assert_matmul_close,
     NORM_RTOL,
@@ -45,8 +40,6 @@ from op_oracles import (
     narrowed,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-CHILD_TIMEOUT_S = 600
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # float16: GPU tier only
 # (batch, kv_heads, gqa_ratio, n_groups, group, head_dim, m, m_o, n_out)
@@ -220,25 +213,11 @@ CASES["value_matmul-splits"] = (check_value_matmul_splits, ())
 
 
 def _run_cases(keys) -> dict[str, str | None]:
-    """Run the named cases here; None for a pass, else the traceback."""
-    results = {}
-    for key in keys:
-        check, args = CASES[key]
-        torch.manual_seed(0)
-        try:
-            check(*args)
-            results[key] = None
-        except Exception:  # reported per case by the parent
-            results[key] = traceback.format_exc()
-    return results
+    return run_cases(CASES, keys)
 
 
 if __name__ == "__main__":  # the interpreted child: OUT.json KEY...
-    out_path, *selected = sys.argv[1:]
-    assert triton_ops.interpreted(), "the child must run with TRITON_INTERPRET=1"
-    start = time.perf_counter()
-    Path(out_path).write_text(json.dumps({"results": _run_cases(selected), "seconds": time.perf_counter() - start}))
-    sys.exit(0)
+    child_main(CASES, sys.argv[1:])
 
 
 import pytest  # noqa: E402  (the child above needs no pytest)
@@ -251,24 +230,7 @@ needs_triton = pytest.mark.skipif(triton_ops.TRITON_ERROR is not None,
 def interpreted_results(request, tmp_path_factory):
     """Results of the selected interpreted cases, from one TRITON_INTERPRET=1 child process (None when
     this process already interprets: the cases then run in-process)."""
-    if triton_ops.interpreted():
-        return None
-    this = Path(__file__).resolve()
-    selected = [item.callspec.params["key"] for item in request.session.items
-                if hasattr(item, "callspec") and "key" in item.callspec.params
-                and Path(str(item.fspath)).resolve() == this] or sorted(CASES)
-    out = tmp_path_factory.mktemp("triton_interpreter") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    env.pop("QJL_BACKEND", None)
-    proc = subprocess.run([sys.executable, str(this), str(out), *selected], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the TRITON_INTERPRET=1 child failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    report = json.loads(out.read_text())
-    print(f"interpreted Triton cases: {len(selected)} in {report['seconds']:.1f} s")
-    return report["results"]
+    return child_results(__file__, CASES, request, tmp_path_factory)
 
 
 @needs_triton
