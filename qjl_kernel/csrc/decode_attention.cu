@@ -112,14 +112,7 @@ __device__ __forceinline__ void set_bit_sums(const uint8_t* row, int nbits, bool
   const float4* v4 = reinterpret_cast<const float4*>(v);
   const int nwords = nbits >> 5;
   for (int k = 0; k < nwords; ++k) {
-    uint32_t w;
-    if (words) {
-      w = __ldg(reinterpret_cast<const uint32_t*>(row) + k);
-    } else {
-      const uint8_t* p = row + 4 * k;
-      w = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
-          (static_cast<uint32_t>(p[3]) << 24);
-    }
+    const uint32_t w = sign_word(row, k, words);
     add_set_bits<RB, 32>(w, v4 + k * (32 * RB / 4), acc);
   }
   for (int jb = nwords * 4; jb < (nbits >> 3); ++jb) add_set_bits<RB, 8>(row[jb], v4 + jb * (8 * RB / 4), acc);

@@ -38,4 +38,13 @@ __device__ __forceinline__ float store_fp(void* p, int64_t i, Fp kind, float v) 
   }
 }
 
+// Word k of a packed sign-bit row (bits 32k .. 32k + 31, little-endian as packing.py lays them out).
+// `words`: the row is 4-byte aligned and may be read as uint32.
+__device__ __forceinline__ uint32_t sign_word(const uint8_t* row, int k, bool words) {
+  if (words) return __ldg(reinterpret_cast<const uint32_t*>(row) + k);
+  const uint8_t* p = row + 4 * k;
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
+         (static_cast<uint32_t>(p[3]) << 24);
+}
+
 }  // namespace qjl

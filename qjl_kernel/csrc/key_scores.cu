@@ -50,14 +50,7 @@ __device__ __forceinline__ void sign_dot(const uint8_t* row, int nbits, const fl
   for (int r = 0; r < RT; ++r) acc[r] = 0.f;
   const int nwords = nbits >> 5;
   for (int k = 0; k < nwords; ++k) {
-    uint32_t w;
-    if (words) {
-      w = __ldg(reinterpret_cast<const uint32_t*>(row) + k);
-    } else {
-      const uint8_t* p = row + 4 * k;
-      w = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
-          (static_cast<uint32_t>(p[3]) << 24);
-    }
+    const uint32_t w = sign_word(row, k, words);
     add_signed<RT, 32>(~w, vec + 32 * k, stride, acc);
   }
   for (int jb = nwords * 4; jb < (nbits >> 3); ++jb) {

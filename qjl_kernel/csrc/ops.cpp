@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "decode_checks.h"
 #include "kernels.h"
 
 #define QJL_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
@@ -435,51 +436,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& bits
   QJL_CHECK_DTYPE(value_codes, at::kInt);
   TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
 
-  const int64_t B = query.size(0), H_q = query.size(1), L = query.size(2), d = query.size(3);
-  const int64_t H_kv = bits.size(1), N = bits.size(2), G = bits.size(3), m = bits.size(4) * 8;
-  const int64_t m_o = outlier_bits.size(4) * 8, n_out = outlier_indices.size(3);
-  const int64_t T_c = N * G, R_len = residual_keys.size(2), T = T_c + R_len;
-  const int64_t T_q = value_codes.size(2), W = value_window.size(2);
-  TORCH_CHECK(L > 0, "query must hold at least one row (L > 0)");
-  TORCH_CHECK(H_kv > 0 && H_q % H_kv == 0, "query heads (", H_q, ") must be a multiple of KV heads (", H_kv, ")");
+  const DecodeShape shape = check_decode_shapes(query, bits, outlier_bits, inlier_norms, outlier_norms,
+                                                outlier_indices, projection, residual_keys, value_codes,
+                                                value_scales, value_mins, value_window, value_bits, value_group_size);
+  const int64_t B = shape.B, H_q = shape.H_q, L = shape.L, d = shape.d, H_kv = shape.H_kv, G = shape.G;
+  const int64_t m = shape.m, m_o = shape.m_o, n_out = shape.n_out, T_c = shape.T_c, T = shape.T, T_q = shape.T_q;
   TORCH_CHECK(d >= 1 && d <= 256, "head_dim must be in [1, 256] (outlier indices are uint8), got ", d);
-  const std::vector<int64_t> lead{B, H_kv, N, G};
-  TORCH_CHECK(bits.size(0) == B, "bits must be [B = ", B, ", H_kv, n_groups, G, m / 8], got ", bits.sizes());
-  TORCH_CHECK(outlier_bits.sizes().slice(0, 4) == at::IntArrayRef(lead), "outlier_bits must be ",
-              at::IntArrayRef(lead), " + [m_o / 8], got ", outlier_bits.sizes());
-  TORCH_CHECK(inlier_norms.sizes() == at::IntArrayRef(lead) && outlier_norms.sizes() == at::IntArrayRef(lead),
-              "inlier_norms / outlier_norms must be ", at::IntArrayRef(lead), ", got ", inlier_norms.sizes(), " / ",
-              outlier_norms.sizes());
-  TORCH_CHECK(outlier_indices.sizes().slice(0, 3) == at::IntArrayRef(lead).slice(0, 3),
-              "outlier_indices must be [B, H_kv, n_groups, n_out] = ", at::IntArrayRef(lead).slice(0, 3),
-              " + [n_out], got ", outlier_indices.sizes());
-  TORCH_CHECK(n_out <= d, "outlier_indices selects ", n_out, " channels, more than head_dim ", d);
-  TORCH_CHECK(m_o <= m, "outlier sketch (", m_o, " bits) larger than the sketch (", m, " bits)");
-  TORCH_CHECK(T_c == 0 || m > 0, "bits must hold a sketch of m > 0 coordinates");
-  TORCH_CHECK(T_c == 0 || (projection.size(0) == m && projection.size(1) == d), "projection must be [m = ", m,
-              ", d = ", d, "], got ", projection.sizes());
-  TORCH_CHECK(residual_keys.size(0) == B && residual_keys.size(1) == H_kv && residual_keys.size(3) == d,
-              "residual_keys must be [B = ", B, ", H_kv = ", H_kv, ", R, d = ", d, "], got ", residual_keys.sizes());
-  TORCH_CHECK(value_window.size(0) == B && value_window.size(1) == H_kv && value_window.size(3) == d,
-              "value_window must be [B = ", B, ", H_kv = ", H_kv, ", W, d = ", d, "], got ", value_window.sizes());
-  TORCH_CHECK(T_q + W == T, "values hold ", T_q, " quantized + ", W, " window tokens but keys hold ", T_c,
-              " committed + ", R_len, " residual: the two must cover the same tokens");
-  TORCH_CHECK(T > 0, "the layer holds no tokens");
-  const int64_t per_word = 32 / value_bits;
-  if (T_q > 0) {  // no quantized values: the value tensors are placeholders and unread
-    TORCH_CHECK(value_group_size > 0 && d % value_group_size == 0,
-                "value_group_size must be a positive divisor of head_dim ", d, ", got ", value_group_size);
-    TORCH_CHECK(d % per_word == 0, "head_dim ", d, " must be a multiple of ", per_word, " for ", value_bits,
-                "-bit codes");
-    const std::vector<int64_t> code_shape{B, H_kv, T_q, d / per_word};
-    const std::vector<int64_t> group_shape{B, H_kv, T_q, d / value_group_size};
-    TORCH_CHECK(value_codes.sizes() == at::IntArrayRef(code_shape), "value_codes must be ",
-                at::IntArrayRef(code_shape), ", got ", value_codes.sizes());
-    TORCH_CHECK(value_scales.sizes() == at::IntArrayRef(group_shape) &&
-                    value_mins.sizes() == at::IntArrayRef(group_shape),
-                "value_scales / value_mins must be ", at::IntArrayRef(group_shape), ", got ", value_scales.sizes(),
-                " / ", value_mins.sizes());
-  }
   TORCH_CHECK(inner_dense(bits, 3) && inner_dense(outlier_bits, 3),
               "bits and outlier_bits must be dense in their last two dims [G, m/8] (views along dims 0..2 are fine)");
   TORCH_CHECK(inner_dense(inlier_norms, 3) && inner_dense(outlier_norms, 3) && inner_dense(outlier_indices, 3),
@@ -492,10 +454,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& bits
   int64_t ms0 = 0, ms1 = 0, ms2 = 0;
   if (mask.has_value() && mask->defined()) {
     QJL_CHECK_SAME_DEVICE(query, *mask);
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool (True = attend), got ", mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 3 && (mask->size(0) == B || mask->size(0) == 1) && mask->size(1) == L &&
-                    mask->size(2) == T,
-                "mask must be [B = ", B, " (or 1), L = ", L, ", T = ", T, "], got ", mask->sizes());
+    check_decode_mask(*mask, shape);
     mask_ptr = static_cast<const uint8_t*>(mask->data_ptr());  // bool is one byte, 0 or 1
     ms0 = mask->size(0) == 1 ? 0 : mask->stride(0);
     ms1 = mask->stride(1);
