@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from bench_gpu import timed  # this script's folder is on sys.path when it runs
+
 D, Q_HEADS, M, M_O, N_OUT, GROUP, VALUE_BITS, VALUE_GROUP = 128, 32, 256, 256, 8, 32, 2, 32
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats, CUDA events, after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth(repeats: int) -> float:
