@@ -89,12 +89,14 @@ class QJLSketch:
         return self._projections[torch.device("cpu")]
 
     def projection_on(self, device: torch.device | str) -> torch.Tensor:
-        """``S`` as float32 ``[m, d]`` on ``device`` (copied once, then cached)."""
+        """``S`` as float32 ``[m, d]`` on ``device`` (copied once, then cached). Off the CPU it is the
+        transposed view of a dense ``[d, m]`` tensor: the GPU kernels walk sketch coordinates across
+        threads, so they read ``S^T`` rows coalesced, in place; the CPU keeps ``[m, d]`` dense."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._projections:
-            self._projections[device] = self.projection.to(device)
+            self._projections[device] = self.projection.t().to(device).contiguous().t()
         return self._projections[device]
 
     def __repr__(self) -> str:

@@ -508,6 +508,8 @@ def decode_attention(query, bits, outlier_bits, inlier_norms, outlier_norms, out
     splits = triton.cdiv(T, span)
 
     block_t = min(max(_pow2(G), 16), 64) if has_keys else 32
+    if d > 128:  # the value tile [BLOCK_T, d] and the accumulators would spill (scripts/triton_static.py)
+        block_t = 16
     group_size = value_group_size if has_quant else d  # unread without quantized values
     if mask is not None:
         mask_t = mask.view(torch.uint8)
@@ -557,7 +559,7 @@ def decode_attention(query, bits, outlier_bits, inlier_norms, outlier_norms, out
             PRECISION="bf16x6" if compiled else "ieee", SKETCH_TERMS=sketch_terms, BITS=value_bits,
             VGS=group_size,
             BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=_pow2(d, 16), BLOCK_DK=16,
-            BLOCK_K=min(block_m, 128), BLOCK_M=block_m, BLOCK_MC=min(block_m, 256), BLOCK_O=_pow2(n_out, 16),
+            BLOCK_K=min(block_m, 32), BLOCK_M=block_m, BLOCK_MC=min(block_m, 128), BLOCK_O=_pow2(n_out, 16),
             num_warps=8, num_stages=1,
         )
         if not single:

@@ -12,8 +12,8 @@ spill stores / loads (bytes per thread), stack frame and shared memory (bytes pe
 
 Shapes (``CONFIGS``): the paper configuration at Llama-3-8B shapes (d = 128, m = 256, m_o = 256,
 8 outliers, groups of 32 tokens, 32 query / 8 KV heads, bf16), its MHA variant (one query row per
-KV head, the case that used to spill), GQA 8 (64 / 8 heads), and d = 64 with m = 512, m_o = 128
-(SmolLM2 shapes, 9 / 3 heads).
+KV head, the case that used to spill), GQA 8 (64 / 8 heads), d = 64 with m = 512, m_o = 128
+(SmolLM2 shapes, 9 / 3 heads), and head dims 96 (GQA 8) and 256.
 Exit status 1 when a kernel spills or fails to compile.
 """
 
@@ -44,6 +44,8 @@ CONFIGS = [
     ("paper-mha", 128, 256, 256, 8, 32, 8, 8, 1, torch.bfloat16),
     ("gqa8", 128, 256, 256, 8, 32, 64, 8, 1, torch.bfloat16),
     ("d64-m512", 64, 512, 128, 8, 32, 9, 3, 1, torch.bfloat16),
+    ("d96-gqa8", 96, 256, 256, 8, 32, 64, 8, 1, torch.bfloat16),
+    ("d256", 256, 256, 256, 8, 32, 32, 8, 1, torch.bfloat16),
 ]
 VALUE_BITS, VALUE_GROUP, TOKENS = 2, 32, 1024
 

@@ -26,7 +26,8 @@ struct QuantizeKeysArgs {
   const void* keys;                // [B*H*N, G, d] dense
   Fp key_kind;                     // also the dtype of the norms
   const uint8_t* outlier_indices;  // [B*H*N, n_out] dense
-  const float* proj_t;             // S^T, [d, m] dense float32
+  const float* proj;               // S, [m, d] float32, element (i, j) at i * ps_i + j * ps_j
+  int64_t ps_i, ps_j;              // S^T dense (ps_i = 1) reads coalesced; other layouts in place
   uint8_t* bits;                   // [B*H*N, G, m/8]
   uint8_t* outlier_bits;           // [B*H*N, G, m_o/8]
   void* inlier_norms;              // [B*H*N, G]

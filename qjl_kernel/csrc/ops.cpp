@@ -153,12 +153,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_keys_cuda(co
   if (groups == 0 || G == 0) return {bits, outlier_bits, inlier_norms, outlier_norms};
   TORCH_CHECK(groups * ceil_div(G, kQuantizeKeysTile) <= INT32_MAX, "too many keys for one launch: ", keys.sizes());
 
-  // The kernel walks channels j across coordinates i: keep S^T dense in float32.
-  const at::Tensor proj_t = projection.to(at::kFloat).t().contiguous();
+  // S is read in place through its strides (a float32 S costs no copy); lanes walk coordinates i,
+  // so S^T dense (the layout QJLSketch keeps on GPUs) reads coalesced.
+  const Projection p = float_projection(projection);
   QuantizeKeysArgs a{keys.data_ptr(),
                      key_kind,
                      outlier_indices.data_ptr<uint8_t>(),
-                     proj_t.data_ptr<float>(),
+                     p.s.data_ptr<float>(),
+                     p.s.stride(0),
+                     p.s.stride(1),
                      bits.data_ptr<uint8_t>(),
                      outlier_bits.data_ptr<uint8_t>(),
                      inlier_norms.data_ptr(),

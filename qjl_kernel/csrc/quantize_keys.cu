@@ -18,7 +18,7 @@ constexpr int kThreads = 256;
 __global__ void __launch_bounds__(kThreads) quantize_keys_kernel(
     const void* __restrict__ keys, Fp key_kind,           // [B*H*N, G, d] dense
     const uint8_t* __restrict__ outlier_indices,          // [B*H*N, n_out] dense
-    const float* __restrict__ proj_t,                     // S^T, [d, m] dense
+    const float* __restrict__ proj, int64_t ps_i, int64_t ps_j,  // S [m, d]: (i, j) at i * ps_i + j * ps_j
     uint8_t* __restrict__ bits,                           // [B*H*N, G, m/8]
     uint8_t* __restrict__ outlier_bits,                   // [B*H*N, G, m_o/8]
     void* __restrict__ inlier_norms, void* __restrict__ outlier_norms,  // [B*H*N, G], key dtype
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) quantize_keys_kernel(
       } else {
         j = outlier_list[u];
       }
-      const float s = valid ? __ldg(proj_t + static_cast<int64_t>(j) * m + i) : 0.f;
+      const float s = valid ? __ldg(proj + static_cast<int64_t>(i) * ps_i + static_cast<int64_t>(j) * ps_j) : 0.f;
       const float4* krow = reinterpret_cast<const float4*>(ks + j * kPad);
 #pragma unroll
       for (int q = 0; q < kTile / 4; ++q) {
@@ -139,7 +139,7 @@ size_t quantize_keys_smem_bytes(int d) { return (static_cast<size_t>(d) * kPad +
 void launch_quantize_keys(const QuantizeKeysArgs& a, cudaStream_t stream) {
   const int tiles = (a.G + kTile - 1) / kTile;
   quantize_keys_kernel<<<static_cast<unsigned>(a.groups * tiles), kThreads, quantize_keys_smem_bytes(a.d), stream>>>(
-      a.keys, a.key_kind, a.outlier_indices, a.proj_t, a.bits, a.outlier_bits, a.inlier_norms, a.outlier_norms, a.G,
+      a.keys, a.key_kind, a.outlier_indices, a.proj, a.ps_i, a.ps_j, a.bits, a.outlier_bits, a.inlier_norms, a.outlier_norms, a.G,
       a.d, a.m, a.m_o, a.n_out, tiles);
 }
 

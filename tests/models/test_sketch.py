@@ -41,6 +41,16 @@ def test_projection_on_device_is_cached():
     assert sketch.projection_on("cpu") is sketch.projection
 
 
+def test_projection_off_the_cpu_is_s_transposed_dense():
+    # The GPU kernels read S^T rows in place (no copy per call); the CPU keeps [m, d] dense.
+    sketch = QJLSketch(64, 256, seed=3)
+    assert sketch.projection.is_contiguous()
+    on_meta = sketch.projection_on("meta")
+    assert on_meta is sketch.projection_on("meta")
+    assert on_meta.shape == (256, 64) and on_meta.dtype == torch.float32
+    assert on_meta.t().is_contiguous() and not on_meta.is_contiguous()
+
+
 def test_gaussian_row_norms_near_sqrt_d():
     s = QJLSketch(128, 4096, seed=0, orthogonalize=False).projection
     assert abs(s.norm(dim=1).mean().item() / math.sqrt(128) - 1) < 0.02

@@ -201,6 +201,19 @@ def test_key_scores_read_a_float32_projection_in_place():
     assert _copies_made(lambda: torch.ops.qjl.key_scores.default(*args, proj_t_view)) == []
 
 
+def test_quantize_keys_read_a_float32_projection_in_place():
+    """quantize_keys reads a float32 projection through its strides: the same state from [m, d]
+    contiguous S and from S^T's view (QJLSketch's GPU layout), and no copy of either per call."""
+    keys, outliers, proj, m_o = keys_case(KEY_CASES[1], torch.bfloat16, "cuda", 0)
+    assert proj.dtype == torch.float32 and proj.is_contiguous()
+    proj_t_view = proj.t().contiguous().t()
+    ops = torch.ops.qjl.quantize_keys.default
+    for got, want in zip(ops(keys, outliers, proj_t_view, m_o), ops(keys, outliers, proj, m_o)):
+        assert torch.equal(got, want)
+    assert _copies_made(lambda: ops(keys, outliers, proj, m_o)) == []
+    assert _copies_made(lambda: ops(keys, outliers, proj_t_view, m_o)) == []
+
+
 # (head_dim, bits): code words per token W = d * bits / 32 = 6, 8, 10, 16, 32, 8: the reduction's
 # pitch kThreads + (W mod 32) for W below, equal to and above a warp, W not dividing 32.
 @pytest.mark.parametrize("d,bits", [(96, 2), (128, 2), (80, 4), (256, 2), (256, 4), (64, 4)])
