@@ -60,3 +60,26 @@ def test_gaussian_row_norms_near_sqrt_d():
 def test_rejects_bad_sizes(dim, m):
     with pytest.raises(ValueError):
         QJLSketch(dim, m)
+
+
+def test_cache_runs_on_the_gpu_layout_of_the_projection():
+    """A cache whose projection is S^T-dense (what projection_on gives off the CPU) computes what
+    the [m, d]-dense one does: every op reads S through its strides. Checked on the CPU by giving
+    the CPU that layout."""
+    import models
+    from tiny import step_logits, tiny_model, tokens
+
+    model, ids = tiny_model(), tokens(2, 150)
+    config = models.QJLConfig(buffer_size=32)
+
+    def logits(transposed: bool):
+        cache = models.QJLCache(model.config, config)
+        if transposed:
+            for layer in cache.layers:
+                sketch = layer.key_store.sketch
+                cpu = torch.device("cpu")
+                sketch._projections[cpu] = sketch._projections[cpu].t().contiguous().t()
+                assert not sketch.projection_on("cpu").is_contiguous()
+        return step_logits(model, cache, ids, [100] + [1] * 50)
+
+    torch.testing.assert_close(logits(True), logits(False), rtol=1e-4, atol=1e-4)
