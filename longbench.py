@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as e:
             parser.error(f"--method: {e}")
     args.method = list(dict.fromkeys(args.method))
+    if not args.output_dir.strip():
+        parser.error("--output_dir is empty: name a directory (results go into <output_dir>/<model>/...)")
     return args
 
 
@@ -431,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Every finished prediction is already on disk (appended and flushed one by one).
+        print("\ninterrupted: the predictions made so far are saved; the same command resumes", file=sys.stderr)
+        return 130
     return 0
 
 

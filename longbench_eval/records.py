@@ -142,6 +142,16 @@ def _shown(settings: dict, key: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _difference(old: dict, new: dict, key: str) -> str:
+    """``key: <recorded> recorded, <now> now``; for two dicts (e.g. the QJL configuration) only the
+    entries that differ, so a long value cannot hide its one changed field behind a cut."""
+    before, after = old.get(key), new.get(key)
+    if isinstance(before, dict) and isinstance(after, dict):
+        fields = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+        return "; ".join(f"{key}.{f}: {_shown(before, f)} recorded, {_shown(after, f)} now" for f in fields)
+    return f"{key}: {_shown(old, key)} recorded, {_shown(new, key)} now"
+
+
 def check_settings(directory: Path, settings: dict, *, partial: bool = False) -> None:
     """Record the settings the predictions depend on; refuse to resume into predictions made with
     other settings, naming each difference (recorded vs now). ``partial``: compare only the keys
@@ -157,7 +167,7 @@ def check_settings(directory: Path, settings: dict, *, partial: bool = False) ->
         keys = set(settings) if partial else set(old) | set(settings)
         changed = sorted(k for k in keys - set(INFORMATIONAL_SETTINGS) if old.get(k) != settings.get(k))
         if changed:
-            details = "; ".join(f"{k}: {_shown(old, k)} recorded, {_shown(settings, k)} now" for k in changed)
+            details = "; ".join(_difference(old, settings, k) for k in changed)
             context = "".join(
                 f"; {k}: {_shown(old, k)} recorded, {_shown(settings, k)} now"
                 for k in INFORMATIONAL_SETTINGS if k in settings and old.get(k) != settings.get(k)

@@ -461,6 +461,9 @@ def layer_windows(config: PreTrainedConfig) -> list[int | None]:
 
 
 def _text_config(model_config: PreTrainedConfig) -> PreTrainedConfig:
+    if not isinstance(model_config, PreTrainedConfig):
+        hint = " (pass model.config, not the model)" if isinstance(model_config, torch.nn.Module) else ""
+        raise TypeError(f"a cache is built from a transformers model config{hint}, got {type(model_config).__name__}")
     return model_config.get_text_config(decoder=True)
 
 
@@ -504,6 +507,21 @@ class _CompressedCache(Cache):
 
     def _returns_handles(self) -> bool:
         return getattr(_text_config(self.model_config), "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' per-layer update, refusing a model the cache was not built for (another
+        layer count or head dimension) at its first step instead of deep inside it."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"this cache has {len(self.layers)} layers but the model updates layer {layer_idx}: build the "
+                f"cache from the model's own config ({type(self).__name__}(model.config, ...))"
+            )
+        if key_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"this cache was built for head_dim {self.head_dim} but the model's keys have head_dim "
+                f"{key_states.shape[-1]}: build the cache from the model's own config"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def observe_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         """Show the cache the attention mask of the forward pass about to run (the hook of

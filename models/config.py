@@ -128,7 +128,12 @@ class QJLConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "QJLConfig":
         """Load a preset (e.g. ``config/qjl_paper_llama2.json``); unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a QJLConfig file holds a JSON object of fields, got a {type(data).__name__}")
         data.pop("_comment", None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -120,6 +120,10 @@ def cache_kwargs(model, cache: Cache) -> dict:
     so without the hook a compressed cache under ``sdpa`` / ``eager`` attention cannot tell padding
     from real tokens and refuses batches; with it, padded batches give what the ``"qjl"`` attention
     gives (padding excluded from outlier choice, norms and scales)."""
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "forward", None)):
+        raise TypeError(f"cache_kwargs takes the model (a torch.nn.Module) and the cache, got {type(model).__name__}")
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache_kwargs takes a transformers Cache (models.make_cache), got {type(cache).__name__}")
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     if isinstance(cache, _CompressedCache) and not getattr(model, _HOOKED, None):
         hooks = (

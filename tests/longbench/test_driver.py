@@ -47,6 +47,21 @@ def test_no_arguments_without_the_offline_model_explains(monkeypatch, tmp_path, 
     assert e.value.code == 2 and "--model_name is required" in capsys.readouterr().err
 
 
+def test_empty_output_dir_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        longbench.main(["--model_name", "m", "--output_dir", " "])
+    assert e.value.code == 2 and "--output_dir is empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(longbench, "run", interrupted)
+    assert longbench.main(["--model_name", "m"]) == 130
+    assert "the same command resumes" in capsys.readouterr().err
+
+
 def test_qjl_flags_override_preset():
     args = longbench.parse_args(["--model_name", "m", "--qjl_config", str(ROOT / "config/qjl_paper_llama2.json"),
                                  "--buffer_size", "64", "--method", "exact,qjl", "kivi"])  # fmt: skip

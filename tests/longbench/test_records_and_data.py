@@ -61,6 +61,16 @@ def test_settings_guard(tmp_path):
         records.check_settings(tmp_path, {"method": "qjl", "bits": [128, 512]})
 
 
+def test_settings_guard_names_the_changed_field_of_a_long_setting(tmp_path):
+    # A long dict (the QJL configuration) used to be cut at 80 characters on both sides, so the two
+    # printed values looked the same and hid the one field that changed.
+    config = {f"field_{i:02d}": 256 for i in range(12)} | {"seed": 42}
+    records.check_settings(tmp_path, {"method": "qjl", "qjl_config": config})
+    with pytest.raises(ValueError, match=r"qjl_config\.seed: 42 recorded, 7 now") as error:
+        records.check_settings(tmp_path, {"method": "qjl", "qjl_config": config | {"seed": 7}})
+    assert "field_00" not in str(error.value)
+
+
 def test_load_examples_from_data_dir(tmp_path):
     write_longbench_data(tmp_path, {"qasper": 5})
     write_longbench_data(tmp_path / "data", {"trec": 2}, longbench_e=True)  # data.zip's layout

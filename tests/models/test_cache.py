@@ -290,6 +290,34 @@ def test_bad_config_values():
         models.QJLCache(tiny_model().config, {"buffer_size": 64})
 
 
+@pytest.mark.parametrize("method", ["qjl", "kivi"])
+def test_a_cache_for_another_model_is_refused_at_its_first_step(method):
+    """A cache built from another model's config fails at the first update, naming what differs
+    (it was an IndexError deep in transformers for more layers, and for another head dim an error
+    about the projection only when the prompt's first block was committed)."""
+    model = tiny_model(layers=4)
+    fewer_layers = models.make_cache(method, tiny_model(layers=2).config)
+    with pytest.raises(ValueError, match="this cache has 2 layers but the model updates layer 2"):
+        model(input_ids=tokens(1, 8), use_cache=True, **models.cache_kwargs(model, fewer_layers))
+    other_dim = models.make_cache(method, tiny_model(head_dim=128, layers=4).config)
+    with pytest.raises(ValueError, match="built for head_dim 128 but the model's keys have head_dim 64"):
+        model(input_ids=tokens(1, 8), use_cache=True, **models.cache_kwargs(model, other_dim))
+
+
+def test_a_model_instead_of_its_config_is_a_clear_error():
+    model = tiny_model()
+    for build in (lambda: models.QJLCache(model), lambda: models.KIVICache(model),
+                  lambda: models.make_cache("qjl", model)):
+        with pytest.raises(TypeError, match=r"pass model.config, not the model"):
+            build()
+    with pytest.raises(TypeError, match="a transformers model config, got NoneType"):
+        models.QJLCache(None)
+    with pytest.raises(TypeError, match="cache_kwargs takes the model"):
+        models.cache_kwargs(object(), models.make_cache("qjl", model.config))
+    with pytest.raises(TypeError, match="cache_kwargs takes a transformers Cache"):
+        models.cache_kwargs(model, {"past_key_values": None})
+
+
 def test_quanto_method():
     if not models.quanto_available():
         pytest.skip("optimum-quanto is not installed (pip install optimum-quanto)")

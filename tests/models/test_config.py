@@ -66,6 +66,17 @@ def test_unknown_preset_keys_are_an_error(tmp_path):
         QJLConfig.from_json(path)
 
 
+@pytest.mark.parametrize("text,match", [("[1, 2]", "JSON object of fields, got a list"),
+                                        ('{"key_quantization_bits": 256,', "not valid JSON"),
+                                        ("256", "JSON object of fields, got a int")])
+def test_from_json_names_the_file_of_a_malformed_config(tmp_path, text, match):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as error:
+        QJLConfig.from_json(path)
+    assert str(path) in str(error.value)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
