@@ -9,6 +9,8 @@ from .types import QuantizedKeys, QuantizedValues
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+# QuantizedKeys stores outlier channel indices as uint8, so a key head holds at most 256 channels.
+MAX_KEY_HEAD_DIM = 256
 
 
 def tensor(name: str, value, *, rank: int | tuple[int, ...] | None = None, dtypes=None) -> None:
@@ -33,8 +35,7 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 
 def positive_multiple(name: str, value, multiple: int, *, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    integer(name, value)
     if value < 0 or (value == 0 and not allow_zero) or value % multiple:
         least = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {least} multiple of {multiple}, got {value}")
@@ -47,22 +48,37 @@ def projection(value, head_dim: int) -> None:
     positive_multiple("projection.shape[0] (sketch size m)", value.shape[0], 8)
 
 
-def value_bits(bits) -> None:
+def integer(name: str, value) -> None:
+    """A Python int (not a bool, not a float such as 2.0: the kernels' schemas take int)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def value_bits(bits, name: str = "bits") -> None:
+    integer(name, bits)
     if bits not in SUPPORTED_VALUE_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_VALUE_BITS}, got {bits!r}")
+        raise ValueError(f"{name} must be one of {SUPPORTED_VALUE_BITS}, got {bits!r}")
 
 
-def group_size_divides(group_size, dim: int) -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+def group_size_divides(group_size, dim: int, name: str = "group_size") -> None:
+    integer(name, group_size)
     if group_size <= 0 or dim % group_size:
-        raise ValueError(f"group_size must be a positive divisor of head_dim {dim}, got {group_size}")
+        raise ValueError(f"{name} must be a positive divisor of head_dim {dim}, got {group_size}")
+
+
+def key_head_dim(dim: int) -> None:
+    if dim > MAX_KEY_HEAD_DIM:
+        raise ValueError(
+            f"head_dim must be at most {MAX_KEY_HEAD_DIM} for QJL keys (outlier channel indices are stored "
+            f"as uint8), got {dim}"
+        )
 
 
 def quantize_keys_args(keys, outlier_indices, proj, outlier_sketch_dim) -> None:
     floating("keys", keys, rank=5)
     tensor("outlier_indices", outlier_indices, rank=4, dtypes=_INDEX_DTYPES)
     dim = keys.shape[-1]
+    key_head_dim(dim)
     projection(proj, dim)
     same_device(keys=keys, outlier_indices=outlier_indices, projection=proj)
     if outlier_indices.shape[:3] != keys.shape[:3]:
@@ -108,7 +124,20 @@ def outlier_channels(indices: torch.Tensor, dim: int) -> None:
         raise ValueError("outlier_indices must name distinct channels within each group; got a repeated index")
 
 
-def quantized_keys(keys) -> None:
+def stored_outlier_channels(indices: torch.Tensor, dim: int) -> None:
+    """The uint8 indices of a :class:`QuantizedKeys` lie below ``dim`` (one max; on other devices than
+    the CPU a device-side assertion, no read back to the host, as :func:`outlier_channels`)."""
+    if not indices.numel():
+        return
+    high = indices.amax().int()  # int32: a uint8 comparison with dim = 256 would wrap to 0
+    if indices.device.type != "cpu":
+        torch._assert_async(high < dim, f"keys.outlier_indices must lie in [0, {dim})")
+    elif int(high) >= dim:
+        raise ValueError(f"keys.outlier_indices must lie in [0, {dim}) (head_dim), got a value {int(high)}")
+
+
+def quantized_keys(keys, dim: int) -> None:
+    """A :class:`QuantizedKeys` for keys of head_dim ``dim``: types, ranks, shapes, index range."""
     if not isinstance(keys, QuantizedKeys):
         raise TypeError(f"keys must be a QuantizedKeys, got {type(keys).__name__}")
     tensor("keys.bits", keys.bits, rank=5, dtypes=(torch.uint8,))
@@ -122,21 +151,25 @@ def quantized_keys(keys) -> None:
             raise ValueError(f"keys.{name} must share [B, H_kv, n_groups, G] = {tuple(lead)} with keys.bits")
     if keys.outlier_indices.shape[:3] != lead[:3]:
         raise ValueError(f"keys.outlier_indices must be [B, H_kv, n_groups, n_out] with {tuple(lead[:3])}")
+    key_head_dim(dim)
+    stored_outlier_channels(keys.outlier_indices, dim)
 
 
-def quantized_values(values) -> None:
-    """A :class:`QuantizedValues` of ``[B, H_kv, T, d]``: types, bits and ranks."""
+def quantized_values(values, rank: int | None = 4) -> None:
+    """A :class:`QuantizedValues` of ``[B, H_kv, T, d]`` (any rank when ``rank`` is None): types,
+    bits, group size and ranks."""
     if not isinstance(values, QuantizedValues):
         raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
-    value_bits(values.bits)
-    tensor("values.codes", values.codes, rank=4, dtypes=(torch.int32,))
-    floating("values.scales", values.scales, rank=4)
-    floating("values.mins", values.mins, rank=4)
+    value_bits(values.bits, "values.bits")
+    tensor("values.codes", values.codes, rank=rank, dtypes=(torch.int32,))
+    floating("values.scales", values.scales, rank=rank)
+    floating("values.mins", values.mins, rank=rank)
+    group_size_divides(values.group_size, values.head_dim, "values.group_size")
 
 
 def key_scores_args(query, keys, proj) -> None:
     floating("query", query, rank=(3, 4))
-    quantized_keys(keys)
+    quantized_keys(keys, query.shape[-1])
     projection(proj, query.shape[-1])
     same_device(query=query, bits=keys.bits, projection=proj)
     if proj.shape[0] != keys.sketch_dim:
@@ -149,6 +182,14 @@ def key_scores_args(query, keys, proj) -> None:
     kv_heads = keys.bits.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+
+
+def dequantize_keys_args(keys, proj) -> None:
+    floating("projection", proj, rank=2)
+    quantized_keys(keys, proj.shape[1])
+    if proj.shape[0] != keys.sketch_dim:
+        raise ValueError(f"projection has {proj.shape[0]} rows but keys were sketched with m = {keys.sketch_dim}")
+    same_device(bits=keys.bits, projection=proj)
 
 
 def quantize_values_args(values, group_size, bits) -> None:
@@ -168,7 +209,7 @@ def value_matmul_args(weights, values) -> None:
     quantized_values(values)
     same_device(weights=weights, codes=values.codes)
     batch, kv_heads, tokens = values.codes.shape[:3]
-    groups = values.head_dim // values.group_size if values.group_size > 0 else -1
+    groups = values.head_dim // values.group_size
     if values.scales.shape != (batch, kv_heads, tokens, groups) or values.mins.shape != values.scales.shape:
         raise ValueError(
             f"values.scales / values.mins must be {(batch, kv_heads, tokens, groups)}, "
@@ -189,6 +230,8 @@ def decode_attention_args(query, keys, proj, residual_keys, values, value_window
     batch, q_heads, length, dim = query.shape
     if length == 0:
         raise ValueError("query must hold at least one row (L > 0)")
+    if dim == 0:
+        raise ValueError(f"query must have head_dim d > 0, got shape {tuple(query.shape)}")
     kv_heads = residual_keys.shape[1]
     if residual_keys.shape[0] != batch or residual_keys.shape[3] != dim:
         raise ValueError(f"residual_keys must be [B={batch}, H_kv, R, d={dim}], got {tuple(residual_keys.shape)}")
@@ -213,7 +256,6 @@ def decode_attention_args(query, keys, proj, residual_keys, values, value_window
             raise ValueError(
                 f"values must hold [B={batch}, H_kv={kv_heads}, T_q, d={dim}], got codes {tuple(values.codes.shape)}"
             )
-        group_size_divides(values.group_size, dim)
         groups = (batch, kv_heads, values.num_tokens, dim // values.group_size)
         if tuple(values.scales.shape) != groups or tuple(values.mins.shape) != groups:
             raise ValueError(f"values.scales / values.mins must be {groups}")

@@ -327,14 +327,13 @@ def value_matmul(weights: torch.Tensor, values: QuantizedValues) -> torch.Tensor
 def dequantize_keys(keys: QuantizedKeys, projection: torch.Tensor) -> torch.Tensor:
     """Unbiased key estimates ``k_hat`` (float32 ``[B, H_kv, n_groups, G, d]``) whose dot
     products with any query equal :func:`key_scores` exactly. Slow path, reference only."""
-    _checks.quantized_keys(keys)
+    _checks.dequantize_keys_args(keys, projection)
     return reference.dequantize_keys_ref(keys, projection)
 
 
 def dequantize_values(values: QuantizedValues) -> torch.Tensor:
     """:class:`QuantizedValues` -> float32 ``[..., T, d]``. Slow path, reference only."""
-    if not isinstance(values, QuantizedValues):
-        raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
+    _checks.quantized_values(values, rank=None)
     return reference.dequantize_values_ref(values)
 
 

@@ -148,7 +148,9 @@ def quantize_values_ref(values: torch.Tensor, group_size: int, bits: int) -> Qua
     Returns:
       :class:`QuantizedValues`. Scale and min are rounded to the values' dtype *before* the codes
       are computed, so that dequantization with the stored constants errs by at most ``scale / 2``
-      (up to the rounding of that dtype). A constant group gets scale 0 and codes 0.
+      (up to the rounding of that dtype). A constant group gets scale 0 and codes 0. A group with a
+      NaN gets NaN scale and min (it dequantizes to NaN); a value whose quotient
+      ``(v - min) / scale`` is not finite (NaN or infinite inputs) gets code 0.
     """
     *lead, tokens, dim = values.shape
     levels = (1 << bits) - 1
@@ -159,7 +161,9 @@ def quantize_values_ref(values: torch.Tensor, group_size: int, bits: int) -> Qua
     spread = grouped.amax(-1) - mins.float()
     scales = torch.div(spread, torch.full_like(spread, levels)).to(values.dtype)
     safe_scales = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
-    codes = torch.round((grouped - mins.float().unsqueeze(-1)) / safe_scales.unsqueeze(-1))
+    quotients = (grouped - mins.float().unsqueeze(-1)) / safe_scales.unsqueeze(-1)
+    # A non-finite quotient has no code (casting NaN to an integer is undefined): it is stored as 0.
+    codes = torch.round(quotients.nan_to_num_(0.0, 0.0, 0.0))
     codes = codes.clamp_(0, levels).reshape(*lead, tokens, dim)
     return QuantizedValues(pack_codes(codes, bits), scales, mins, bits, group_size)
 

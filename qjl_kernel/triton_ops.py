@@ -300,6 +300,10 @@ def _quantize_values_kernel(
         sel = (group_of == g) & d_ok
         lo = tl.min(tl.where(sel[None, :], v, float("inf")), axis=1)
         hi = tl.max(tl.where(sel[None, :], v, float("-inf")), axis=1)
+        # A group with a NaN gets NaN min and scale, as the reference's amin / amax (tl.min skips NaN).
+        has_nan = tl.max(tl.where(sel[None, :] & (v != v), 1, 0), axis=1) > 0
+        lo = tl.where(has_nan, float("nan"), lo)
+        hi = tl.where(has_nan, float("nan"), hi)
         # min is one of the values: exact in the storage dtype. scale = (max - min) / levels in IEEE
         # float32, then rounded to the storage dtype before the codes are computed.
         sc = tl.math.div_rn(hi - lo, LEVELS * 1.0)
@@ -315,6 +319,8 @@ def _quantize_values_kernel(
         sc_ch = tl.where(sel[None, :], sc[:, None], sc_ch)
 
     x = tl.math.div_rn(v - mn_ch, tl.where(sc_ch > 0, sc_ch, 1.0))
+    # A non-finite quotient (NaN or infinite inputs) gets code 0, as in the reference.
+    x = tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
     # Round half to even: adding 2^23 leaves no fraction bits (0 <= x < 2^22 here).
     x = (x + 8388608.0) - 8388608.0
     code = tl.minimum(tl.maximum(x, 0.0), LEVELS * 1.0).to(tl.uint32)

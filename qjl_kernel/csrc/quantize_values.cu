@@ -29,11 +29,14 @@ __global__ void __launch_bounds__(kThreads) quantize_values_kernel(const void* _
     const int r = e / n_groups, g = e - r * n_groups;
     const int64_t base = (row0 + r) * d + static_cast<int64_t>(g) * group_size;
     float lo = load_fp(values, base, kind), hi = lo;
+    bool nan = isnan(lo);
     for (int c = 1; c < group_size; ++c) {
       const float v = load_fp(values, base + c, kind);
+      nan = nan || isnan(v);
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
+    if (nan) lo = hi = __int_as_float(0x7fc00000);  // a group with a NaN: NaN min and scale (fminf skips NaN)
     const int64_t out = (row0 + r) * n_groups + g;
     const float mn = store_fp(mins, out, kind, lo);  // exact: lo is one of the values
     const float sc = store_fp(scales, out, kind, __fdiv_rn(__fsub_rn(hi, mn), levels));
@@ -51,7 +54,8 @@ __global__ void __launch_bounds__(kThreads) quantize_values_kernel(const void* _
       const int g = (w * per_word + j) / group_size;
       const float mn = stats[2 * (r * n_groups + g)], sc = stats[2 * (r * n_groups + g) + 1];
       const float v = load_fp(values, base + j, kind);
-      float q = rintf(__fdiv_rn(__fsub_rn(v, mn), sc > 0.f ? sc : 1.f));
+      const float quotient = __fdiv_rn(__fsub_rn(v, mn), sc > 0.f ? sc : 1.f);
+      float q = isfinite(quotient) ? rintf(quotient) : 0.f;  // NaN or infinite inputs: code 0
       q = fminf(fmaxf(q, 0.f), levels);
       word |= static_cast<uint32_t>(q) << (j * bits);
     }

@@ -1,5 +1,6 @@
 """Bad arguments raise ValueError/TypeError whose message names the argument."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,8 @@ def _proj(m=M, d=D):
         (dict(outlier_sketch_dim=12), ValueError, "outlier_sketch_dim"),
         (dict(outlier_sketch_dim=256), ValueError, "outlier_sketch_dim"),
         (dict(outlier_sketch_dim=0), ValueError, "outlier_sketch_dim must be > 0"),
+        (dict(outlier_sketch_dim=64.0), TypeError, "outlier_sketch_dim must be an int"),
+        (dict(outlier_sketch_dim=True), TypeError, "outlier_sketch_dim must be an int"),
     ],
 )
 def test_quantize_keys_rejects(kwargs, error, match):
@@ -82,6 +85,12 @@ def test_key_scores_of_no_query_rows_are_empty():
         (torch.randn(4, 64), 24, 2, ValueError, "group_size must be a positive divisor"),
         (torch.randn(4, 64), 0, 2, ValueError, "group_size"),
         (torch.randn(4, 64), 32.0, 2, TypeError, "group_size must be an int"),
+        (torch.randn(4, 64), True, 2, TypeError, "group_size must be an int"),
+        (torch.randn(4, 64), 32, 2.0, TypeError, "bits must be an int, got float"),  # was a dispatcher error
+        (torch.randn(4, 64), 32, 4.0, TypeError, "bits must be an int, got float"),
+        (torch.randn(4, 64), 32, True, TypeError, "bits must be an int, got bool"),
+        (torch.randn(4, 64), np.int64(32), 2, TypeError, "group_size must be an int"),
+        (torch.randn(4, 64), 32, np.int64(2), TypeError, "bits must be an int"),  # as group_size
         (torch.randn(64), 32, 2, ValueError, "values must be"),
         (torch.randint(0, 3, (4, 64)), 32, 2, TypeError, "values must have dtype"),
         (torch.randn(4, 24), 8, 2, ValueError, "multiple of 16"),
@@ -107,6 +116,104 @@ def test_value_matmul_rejects():
     bad = QuantizedValues(q.codes, q.scales[..., :1], q.mins, 2, 32)
     with pytest.raises(ValueError, match="values.scales"):
         qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), bad)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(bits=2.0), "values.bits must be an int, got float"),
+        (dict(bits=True), "values.bits must be an int, got bool"),
+        (dict(group_size=32.0), "values.group_size must be an int, got float"),
+        (dict(group_size=24), "values.group_size must be a positive divisor of head_dim 64"),
+    ],
+)
+def test_value_states_with_bad_layout_are_refused(changes, match):
+    """A QuantizedValues' bits and group_size are checked like quantize_values' arguments by every op
+    that reads one (they used to reach the dispatcher, or a reshape, as raw errors)."""
+    q = qjl_kernel.quantize_values(torch.randn(1, 2, 5, D), 32, 2)._replace(**changes)
+    error = ValueError if changes.get("group_size") == 24 else TypeError
+    with pytest.raises(error, match=match):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), q)
+    with pytest.raises(error, match=match):
+        qjl_kernel.dequantize_values(q)
+    with pytest.raises(error, match=match):
+        qjl_kernel.decode_attention(*_decode_args(values=q))
+
+
+def _decode_args(d=D, keys=None, projection=None, values=None):
+    """decode_attention arguments: 16 committed QJL keys (``keys`` / ``projection`` replace them) + 1
+    residual key; 5 4-bit quantized values (``values`` replaces them) + 12 window values; B = 1, 2 KV heads."""
+    gen = torch.Generator().manual_seed(0)
+    if keys is None:
+        projection = torch.randn(M, d, generator=gen)
+        keys = qjl_kernel.quantize_keys(torch.randn(1, 2, 2, 8, d, generator=gen), _outliers(), projection, 64)
+    if values is None:
+        values = qjl_kernel.quantize_values(torch.randn(1, 2, 5, d, generator=gen), 8, 4)
+    query, residual, window = (torch.randn(1, 2, t, d, generator=gen) for t in (1, 1, 12))
+    return query, keys, projection, residual, values, window
+
+
+def test_key_head_dim_over_256_is_refused():
+    """Outlier indices are stored as uint8: with d = 264 the index 260 used to be stored as 4 and the
+    scores were silently wrong."""
+    d = 264
+    keys = torch.randn(1, 1, 1, 32, d)
+    keys[..., 260] *= 50
+    with pytest.raises(ValueError, match=r"head_dim must be at most 256 .*stored as uint8\), got 264"):
+        qjl_kernel.quantize_keys(keys, torch.tensor([[[[260, 3]]]]), torch.randn(M, d), 64)
+    # A state (whose indices are all below 128) read with d = 264 queries: refused by every op taking one.
+    state = qjl_kernel.quantize_keys(_keys(), _outliers(), _proj(), 64)
+    wide = _proj(d=d)
+    with pytest.raises(ValueError, match="head_dim must be at most 256"):
+        qjl_kernel.key_scores(torch.randn(1, 2, 1, d), state, wide)
+    with pytest.raises(ValueError, match="head_dim must be at most 256"):
+        qjl_kernel.dequantize_keys(state, wide)
+    with pytest.raises(ValueError, match="head_dim must be at most 256"):
+        qjl_kernel.decode_attention(*_decode_args(d=d, keys=state, projection=wide))
+    # no QJL keys: any head_dim
+    values = qjl_kernel.quantize_values(torch.randn(1, 2, 5, d), 8, 4)
+    query, residual, window = torch.randn(1, 2, 1, d), torch.randn(1, 2, 17, d), torch.randn(1, 2, 12, d)
+    out = qjl_kernel.decode_attention(query, None, None, residual, values, window)
+    assert out.shape == (1, 2, 1, d)
+
+
+def test_key_head_dim_256_keeps_index_255():
+    """The largest head_dim: index 255 is stored as such and passes the state checks."""
+    d = 256
+    indices = torch.tensor([[[[255, 0]]]])
+    state = qjl_kernel.quantize_keys(torch.randn(1, 1, 1, 8, d), indices, torch.randn(M, d), 64)
+    assert state.outlier_indices.flatten().tolist() == [255, 0]
+    assert qjl_kernel.key_scores(torch.randn(1, 1, 1, d), state, torch.randn(M, d)).shape == (1, 1, 1, 8)
+
+
+def test_stored_outlier_indices_out_of_range_are_refused():
+    """A state whose indices reach past head_dim used to fail with a raw IndexError in reference.py."""
+    proj = _proj()
+    state = qjl_kernel.quantize_keys(_keys(), _outliers(), proj, 64)
+    bad = state._replace(outlier_indices=state.outlier_indices.index_fill(-1, torch.tensor([1]), 200))
+    match = r"keys.outlier_indices must lie in \[0, 64\) \(head_dim\), got a value 200"
+    for backend in ("auto", "reference"):
+        with qjl_kernel.use_backend(backend):
+            with pytest.raises(ValueError, match=match):
+                qjl_kernel.key_scores(torch.randn(1, 2, 1, D), bad, proj)
+            with pytest.raises(ValueError, match=match):
+                qjl_kernel.dequantize_keys(bad, proj)
+            with pytest.raises(ValueError, match=match):
+                qjl_kernel.decode_attention(*_decode_args(keys=bad, projection=proj))
+
+
+def test_stored_outlier_index_check_does_not_read_device_data():
+    """Off the CPU the range check is a device-side assertion: meta tensors (no data to read) pass."""
+    from qjl_kernel import _checks
+
+    _checks.stored_outlier_channels(torch.zeros(1, 2, 2, 4, dtype=torch.uint8, device="meta"), D)
+
+
+def test_decode_attention_refuses_head_dim_zero():
+    """d = 0 used to fail computing the default scaling d ** -0.5 (ZeroDivisionError)."""
+    query, residual, window = torch.randn(1, 2, 1, 0), torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0)
+    with pytest.raises(ValueError, match="query must have head_dim d > 0"):
+        qjl_kernel.decode_attention(query, None, None, residual, None, window)
 
 
 def test_backend_override():
@@ -176,3 +283,43 @@ def test_bad_outlier_indices_fail_on_gpu():
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "distinct channels" in out or "device-side assert" in out, out[-3000:]
+
+
+@gpu_tier
+def test_key_state_checks_do_not_sync_on_gpu():
+    """The range check of a state's stored indices must not read back to the host (one per decode step)."""
+    from qjl_kernel import _checks
+
+    proj = _proj().cuda()
+    state = qjl_kernel.quantize_keys(_keys().cuda(), _outliers().cuda(), proj, 64)
+    query = torch.randn(1, 2, 1, D, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _checks.key_scores_args(query, state, proj)
+        _checks.dequantize_keys_args(state, proj)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu_tier
+def test_bad_stored_outlier_indices_fail_on_gpu():
+    """A stored index past head_dim on the GPU fails the device assertion (in a child: it ends the CUDA context)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, qjl_kernel\n"
+        "p = torch.randn(128, 64, device='cuda')\n"
+        "i = torch.arange(4, device='cuda').expand(1, 2, 2, 4)\n"
+        "s = qjl_kernel.quantize_keys(torch.randn(1, 2, 2, 8, 64, device='cuda'), i, p, 64)\n"
+        "s = s._replace(outlier_indices=torch.full_like(s.outlier_indices, 200))\n"
+        "qjl_kernel.key_scores(torch.randn(1, 2, 1, 64, device='cuda'), s, p)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "keys.outlier_indices must lie in" in out or "device-side assert" in out, out[-3000:]

@@ -335,3 +335,19 @@ def test_compile_traces_the_ops():
 
 def test_qjl_scale_constant():
     assert math.isclose(qjl_kernel.QJL_SCALE, math.sqrt(math.pi / 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_values_non_finite_inputs_match_the_reference(bits, dtype):
+    """NaN, +inf and -inf inputs: codes bit-identical to the reference's; a group with a NaN gets NaN
+    scale and min (fminf / fmaxf skip NaN, so the kernel flags it)."""
+    from test_value_ops import _non_finite_values
+
+    values = _non_finite_values(dtype)
+    got = qjl_kernel.quantize_values(values.cuda(), 16, bits)
+    want = reference.quantize_values_ref(values, 16, bits)
+    assert torch.equal(got.codes.cpu(), want.codes)
+    for name in ("scales", "mins"):
+        assert torch.allclose(getattr(got, name).cpu().float(), getattr(want, name).float(), rtol=0, atol=0,
+                              equal_nan=True), name

@@ -142,6 +142,21 @@ def check_quantize_values(case, dtype, ties, device="cpu"):
     assert torch.equal(got.mins.cpu(), want.mins)
 
 
+def check_quantize_values_non_finite(dtype, device="cpu"):
+    """NaN, +inf and -inf inputs: codes bit-identical to the reference's, scales and mins equal with
+    NaN where the reference has NaN (a group with a NaN; tl.min / tl.max skip NaN)."""
+    from test_value_ops import _non_finite_values
+
+    values = _non_finite_values(dtype).to(device)
+    for bits in (2, 4):
+        with qjl_kernel.use_backend("triton"):
+            got = qjl_kernel.quantize_values(values, 16, bits)
+        want = reference.quantize_values_ref(values.cpu(), 16, bits)
+        assert torch.equal(got.codes.cpu(), want.codes), f"{(got.codes.cpu() != want.codes).sum()} code words differ"
+        assert torch.allclose(got.scales.cpu().float(), want.scales.float(), rtol=0, atol=0, equal_nan=True)
+        assert torch.allclose(got.mins.cpu().float(), want.mins.float(), rtol=0, atol=0, equal_nan=True)
+
+
 def check_value_matmul(case, dtype, ratio, strided, device="cpu"):
     lead, tokens, d, group_size, bits = case
     batch, kv_heads = lead
@@ -210,6 +225,8 @@ for _case in VALUE_CASES:
                 CASES[f"value_matmul-{_value_id(_case)}-{_dt}-r{_ratio}{'-strided' if _strided else ''}"] = (
                     check_value_matmul, (_case, _dtype, _ratio, _strided))
 CASES["value_matmul-splits"] = (check_value_matmul_splits, ())
+for _dt, _dtype in DTYPES.items():
+    CASES[f"quantize_values-non-finite-{_dt}"] = (check_quantize_values_non_finite, (_dtype,))
 
 
 def _run_cases(keys) -> dict[str, str | None]:

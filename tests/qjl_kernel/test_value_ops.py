@@ -89,3 +89,57 @@ def test_cpu_kernel_rejects_bad_arguments():
         torch.ops.qjl.quantize_values.default(torch.randn(4, 64), 24, 2)
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         torch.ops.qjl.quantize_values.default(torch.randn(4, 64, dtype=torch.float64), 32, 2)
+
+
+NAN, INF = float("nan"), float("inf")
+# Groups of 16 channels, one row each: what each non-finite input does to its group.
+NON_FINITE_GROUPS = {
+    "nan": [1.0, NAN],
+    "nan-first": [NAN, 1.0],
+    "+inf": [1.0, INF],
+    "-inf": [-INF, 1.0],
+    "+-inf": [-INF, INF],
+    "all+inf": [INF, INF],
+    "nan-and-inf": [INF, NAN],
+}
+
+
+def _non_finite_values(dtype):
+    """[1, 1, len(NON_FINITE_GROUPS), 32]: per row, a group with the non-finite inputs beside a normal group."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(1, 1, len(NON_FINITE_GROUPS), 32, generator=gen)
+    for row, specials in enumerate(NON_FINITE_GROUPS.values()):
+        values[0, 0, row, 3 : 3 + 2 * len(specials) : 2] = torch.tensor(specials)
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_non_finite_groups_are_defined_in_the_reference(bits, dtype):
+    """A group with a NaN gets NaN scale and min (so it dequantizes to NaN); codes of non-finite
+    quotients are 0; the finite group beside it is quantized as if alone."""
+    values = _non_finite_values(dtype)
+    q = qjl_kernel.reference.quantize_values_ref(values, 16, bits)
+    has_nan = values[..., :16].isnan().any(-1)
+    assert torch.equal(q.scales[..., 0].isnan(), has_nan) and torch.equal(q.mins[..., 0].isnan(), has_nan)
+    assert qjl_kernel.reference.dequantize_values_ref(q)[..., :16][has_nan].isnan().all()
+    codes = unpack_codes(q.codes, bits)[..., :16]
+    quotients = (values[..., :16].float() - q.mins[..., :1].float()) / q.scales[..., :1].float()
+    assert (codes[~quotients.isfinite()] == 0).all()
+    alone = qjl_kernel.reference.quantize_values_ref(values[..., 16:], 16, bits)
+    assert torch.equal(q.scales[..., 1:], alone.scales) and torch.equal(unpack_codes(q.codes, bits)[..., 16:],
+                                                                        unpack_codes(alone.codes, bits))
+
+
+@pytest.mark.skipif(not qjl_kernel.ops._HAS_CPU_KERNELS, reason="qjl_kernel._C has no CPU kernels (not built)")
+@pytest.mark.parametrize("dtype", CPU_KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cpu_kernel_matches_reference_on_non_finite_inputs(bits, dtype):
+    """NaN, +inf and -inf inputs: the C++ kernel's codes equal the reference's bit for bit, and its
+    scales and mins equal them with NaN where the reference has NaN (it used to skip a NaN)."""
+    values = _non_finite_values(dtype)
+    codes, scales, mins = torch.ops.qjl.quantize_values.default(values, 16, bits)
+    reference = qjl_kernel.reference.quantize_values_ref(values, 16, bits)
+    assert torch.equal(codes, reference.codes)
+    torch.testing.assert_close(scales, reference.scales, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(mins, reference.mins, rtol=0, atol=0, equal_nan=True)

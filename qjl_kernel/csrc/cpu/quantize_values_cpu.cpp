@@ -1,7 +1,9 @@
 // CPU kernel of quantize_values (spec: qjl_kernel/reference.py::quantize_values_ref), bit-identical to
 // the reference: per token and group of channels, min and scale = (max - min) / (2^b - 1) in float32,
 // both rounded to the values' dtype before the codes round((v - min) / scale) (half to even) are
-// computed; a constant group gets scale 0 and codes 0. Used every decode step for the value that
+// computed; a constant group gets scale 0 and codes 0. A group with a NaN gets NaN scale and min (torch.amin
+// / amax propagate NaN; std::min / std::max would skip it), and a value whose quotient (v - min) / scale is
+// not finite gets code 0 (casting NaN to an integer is undefined). Used every decode step for the value that
 // leaves the exact window and for a prompt's values, where the reference's dozen tensor ops dominate.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -59,10 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cpu(const at::Ten
         for (int64_t g = 0; g < groups; ++g) {
           const float* v = row.data() + g * group_size;
           float lo = v[0], hi = v[0];
+          bool nan = std::isnan(v[0]);
           for (int64_t i = 1; i < group_size; ++i) {
             lo = std::min(lo, v[i]);
             hi = std::max(hi, v[i]);
+            nan = nan || std::isnan(v[i]);
           }
+          if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
           const scalar_t min_stored = static_cast<scalar_t>(lo);
           const float min_f = static_cast<float>(min_stored);
           const scalar_t scale_stored = static_cast<scalar_t>((hi - min_f) / levels);
@@ -71,7 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cpu(const at::Ten
           min_out[t * groups + g] = min_stored;
           scale_out[t * groups + g] = scale_stored;
           for (int64_t i = 0; i < group_size; ++i) {
-            const float q = std::nearbyint((v[i] - min_f) / safe);  // round half to even, like torch.round
+            const float quotient = (v[i] - min_f) / safe;
+            // round half to even, like torch.round; a non-finite quotient (NaN or infinite input) gets 0
+            const float q = std::isfinite(quotient) ? std::nearbyint(quotient) : 0.f;
             const uint32_t code = q <= 0.f ? 0u : (q >= levels ? max_code : static_cast<uint32_t>(q));
             const int64_t c = g * group_size + i;
             word[c / per_word] |= code << ((c % per_word) * bits);
