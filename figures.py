@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -11,31 +10,14 @@ from typing import Callable
 
 import torch
 
+from cli_io import non_negative_int, positive_int  # noqa: F401  (the figure scripts' argparse types)
+
 METHOD_STYLE = {  # label, color, marker (the paper's colors)
     "exact": ("exact", "#ff3e30", "o"),
     "kivi": ("KIVI", "#176bef", "^"),
     "qjl": ("QJL", "#107c10", "s"),
     "quanto": ("quanto", "#ffa900", "D"),
 }
-
-
-def _int_at_least(least: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-
-    parse.__name__ = what.replace(" ", "_")  # argparse names the type in its messages
-    return parse
-
-
-# argparse types: a command-line 0 is refused with a usage error, never replaced by a default
-positive_int = _int_at_least(1, "a positive integer")
-non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def default_synchronize(device: torch.device) -> Callable[[], None]:

@@ -33,7 +33,6 @@ import fnmatch
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.accounting import FP16_BITS, qjl_bit_report
+from cli_io import check_output_paths, write_json_atomic
 from figures import save_figure
+from models.accounting import FP16_BITS, qjl_bit_report
 from models.config import QJLConfig
 from real_text import stdlib_text
 
@@ -301,23 +301,47 @@ def check_settings(stored: dict, current: dict, path) -> None:
         )
 
 
+def read_results(path: Path) -> dict | None:
+    """The results document at ``path``, None when there is none; ValueError naming the file when it
+    is not one (never overwritten: it may be someone's results)."""
+    if not path.exists():
+        return None
+    keep = "refusing to overwrite it. Use another --output directory or move that file away."
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); {keep}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); {keep}") from None
+    if (not isinstance(data, dict) or not isinstance(data.get("settings"), dict)
+            or not isinstance(data.get("results"), list)
+            or not all(isinstance(r, dict) and "name" in r and "config" in r for r in data["results"])):
+        raise ValueError(f"{path} is not a perplexity.py results file (no 'settings' / 'results'); {keep}")
+    return data
+
+
 def load_results(path: Path, settings: dict) -> dict:
     """The JSON at ``path`` when its settings equal ``settings``; a fresh document when absent."""
-    if not path.exists():
+    data = read_results(path)
+    if data is None:
         return dict(format=FORMAT_VERSION, settings=settings, results=[])
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "settings" not in data or not isinstance(data.get("results"), list):
-        raise ValueError(f"{path} is not a perplexity.py results file (no 'settings' / 'results')")
     check_settings(data["settings"], settings, path)
     return data
 
 
+def check_stored_configs(data: dict, configs: list[SweepConfig], path) -> None:
+    """ValueError when a configuration of ``configs`` is stored in ``data`` with other settings."""
+    done = {r["name"]: r for r in data["results"]}
+    for config in configs:
+        diffs = differences(done[config.name]["config"], config.settings()) if config.name in done else []
+        if diffs:
+            raise ValueError(f"{path}: configuration {config.name!r} was run with other settings ({'; '.join(diffs)}); "
+                             f"refusing to mix them. Use another --output directory or remove that file.")
+
+
 def write_results(path: Path, data: dict) -> None:
     """Atomic write (an interrupt never leaves a truncated file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 def run_sweep(model, ids: torch.Tensor, configs: list[SweepConfig], *, prompt: int, chunk: int, settings: dict,
@@ -330,12 +354,8 @@ def run_sweep(model, ids: torch.Tensor, configs: list[SweepConfig], *, prompt: i
     check_lengths(_as_batch(ids).shape[1], prompt, chunk)
     path = Path(output) / JSON_NAME
     data = load_results(path, settings)
-    done = {r["name"]: r for r in data["results"]}
-    for config in configs:
-        diffs = differences(done[config.name]["config"], config.settings()) if config.name in done else []
-        if diffs:
-            raise ValueError(f"{path}: configuration {config.name!r} was run with other settings ({'; '.join(diffs)}); "
-                             f"refusing to mix them. Use another --output directory or remove that file.")
+    check_stored_configs(data, configs, path)
+    done = {r["name"] for r in data["results"]}
     todo = [c for c in configs if c.name not in done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="configurations", unit="config",
                dynamic_ncols=True, disable=not progress)
@@ -451,16 +471,28 @@ def main(argv: list[str] | None = None) -> dict:
         select(default_sweep(32), args.methods)
     except ValueError as e:
         parser.error(f"--methods: {e}")
+    path = Path(args.output) / JSON_NAME
+    settings = dict(  # what is known before the model loads; the text's digest and the depth come after
+        model=args.model, dtype=args.dtype, tokens=args.tokens, prompt=args.prompt, chunk=args.chunk,
+        text=f"python {sys.version_info.major}.{sys.version_info.minor} standard-library sources",
+    )
+    try:  # the output directory, and results already there (resumed only if of these settings), before the model
+        check_output_paths(args.output, [JSON_NAME] + ([] if args.no_figure else [FIGURE_NAME]))
+        stored = read_results(path)
+        if stored is not None:
+            check_settings({k: stored["settings"].get(k) for k in settings}, settings, path)
+    except ValueError as e:
+        parser.error(f"argument --output: {e}")
 
     model, tokenizer = load_causal_lm(args.model, DTYPES[args.dtype])
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     configs = select(default_sweep(num_layers), args.methods)
     ids = text_ids(tokenizer, args.tokens)
-    settings = dict(
-        model=args.model, dtype=args.dtype, tokens=args.tokens, prompt=args.prompt, chunk=args.chunk,
-        text=f"python {sys.version_info.major}.{sys.version_info.minor} standard-library sources",
-        ids_sha256=ids_digest(ids), num_layers=num_layers,
-    )
+    settings.update(ids_sha256=ids_digest(ids), num_layers=num_layers)
+    try:  # the settings that need the model (other text, other depth), before any configuration runs
+        check_stored_configs(load_results(path, settings), configs, path)
+    except ValueError as e:
+        parser.error(f"argument --output: {e}")
     print(f"{args.model} ({num_layers} layers, {args.dtype}, {torch.get_num_threads()} threads): "
           f"{args.tokens} tokens, prompt {args.prompt}, chunks of {args.chunk}; {len(configs)} configurations",
           flush=True)

@@ -31,14 +31,58 @@ from pathlib import Path
 
 import torch
 
+from cli_io import check_output_paths
 from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
+from models.config import MAX_HEAD_DIM
 from models.distortion import (ORIGINAL_LAYERS, last_query_distortion, map_layer, map_layers, score_distortion,
                                 synthetic_keys)
 
 BITS_PER_CHANNEL = (1, 2, 3, 4, 5, 6, 7, 8)
 ORIGINAL_SKETCH_DIMS = tuple(64 * i for i in range(1, 9))  # the original's m, whatever d is
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ArgumentProblem(ValueError):
+    """An argument that does not fit the model, found once the model is loaded (before any work on it);
+    ``main`` reports it as a usage error. The message starts with ``argument --<name>:``."""
+
+
+def check_head_dim(dim: int) -> None:
+    """ValueError unless keys of ``dim`` channels can be sketched with m = 1..8 x ``dim`` bits."""
+    if dim % 8 or not 0 < dim <= MAX_HEAD_DIM:
+        raise ValueError(f"must be a multiple of 8 in [8, {MAX_HEAD_DIM}] (the sketch sizes m = 1..8 x head_dim are "
+                         f"multiples of 8; outlier channel indices are uint8), got {dim}")
+
+
+def head_dim_arg(text: str) -> int:
+    """argparse type of ``--head_dim``."""
+    value = positive_int(text)
+    try:
+        check_head_dim(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def check_model_fits(config, layers: list[int] | None, outlier_count: int | None) -> None:
+    """ArgumentProblem when ``--layers`` names a layer the model lacks or, for ``outlier_count`` not
+    None (the ours variant), when its head_dim cannot be sketched or is below ``--outlier_count``."""
+    num_layers = config.num_hidden_layers
+    missing = sorted({layer for layer in layers or () if layer >= num_layers})
+    if missing:
+        raise ArgumentProblem(f"argument --layers: {missing} not in the model's {num_layers} layers "
+                              f"(0..{num_layers - 1})")
+    if outlier_count is None:
+        return
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        check_head_dim(dim)
+    except ValueError as e:
+        raise ArgumentProblem(f"argument --model: its head_dim {e}") from None
+    if outlier_count > dim:
+        raise ArgumentProblem(f"argument --outlier_count: must be at most the model's head_dim ({dim}), "
+                              f"got {outlier_count}")
 
 
 def synthetic_heads(tokens: int, head_dim: int, queries: int, seed: int):
@@ -48,13 +92,15 @@ def synthetic_heads(tokens: int, head_dim: int, queries: int, seed: int):
     return {0: (q.view(1, 1, queries, head_dim), keys.view(1, 1, tokens, head_dim))}
 
 
-def model_heads(path: str, tokens: int, layers: list[int] | None, seed: int):
-    """Post-RoPE queries and keys of a local model on ``tokens`` random token ids."""
+def model_heads(path: str, tokens: int, layers: list[int] | None, seed: int, outlier_count: int = 0):
+    """Post-RoPE queries and keys of a local model on ``tokens`` random token ids (the arguments
+    checked against the model before it runs: :func:`check_model_fits`)."""
     from transformers import AutoModelForCausalLM
 
     from models.capture import capture_queries_keys
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    check_model_fits(model.config, layers, outlier_count)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
     records = capture_queries_keys(model, ids)
     return {i: records[i] for i in (layers if layers is not None else sorted(records))}
@@ -73,11 +119,9 @@ def text_model_heads(name: str, tokens: int, layers: list[int] | None):
     if ids.shape[1] < tokens:
         raise ValueError(f"the standard library's sources gave only {ids.shape[1]} tokens, fewer than {tokens}")
     num_layers = model.config.num_hidden_layers
+    check_model_fits(model.config, layers, None)
     records = capture_queries_keys(model, ids)
     chosen = layers if layers is not None else map_layers(ORIGINAL_LAYERS, num_layers)
-    missing = sorted(set(chosen) - set(records))
-    if missing:
-        raise ValueError(f"--layers {missing} not in the model's {num_layers} layers")
     return {i: records[i] for i in chosen}, num_layers
 
 
@@ -129,7 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=positive_int, help="tokens of keys per layer (default: 1024 ours, 2048 "
                                                             "original)")
     parser.add_argument("--queries", type=positive_int, default=64, help="ours: queries per head (the last ones)")
-    parser.add_argument("--head_dim", type=positive_int, default=128, help="synthetic keys only")
+    parser.add_argument("--head_dim", type=head_dim_arg, default=128,
+                        help=f"synthetic keys only: a multiple of 8 up to {MAX_HEAD_DIM}")
     parser.add_argument("--outlier_count", type=non_negative_int, default=8, help="ours only (original: none)")
     parser.add_argument("--group_size", type=positive_int, default=32)
     parser.add_argument("--buffer_size", type=positive_int, default=128,
@@ -144,15 +189,26 @@ def main(argv=None) -> dict:
     if args.variant == "original":
         if args.buffer_size % args.group_size or args.tokens < args.buffer_size:
             parser.error(f"need --buffer_size a multiple of --group_size ({args.group_size}) and at most --tokens")
-        return original_main(args)
+        check_output_dir(parser, args.output_dir, f"distortion_{Path(args.model or 'smollm2').name}")
+        try:
+            return original_main(args)
+        except ArgumentProblem as e:
+            parser.error(str(e))
     source = args.source if args.source is not None else ("model" if args.model else "synthetic")
     if source == "model" and not args.model:
         parser.error("--source model needs --model PATH")
     if args.tokens < args.group_size:
         parser.error(f"--tokens must be at least --group_size ({args.group_size})")
+    if source == "synthetic" and args.outlier_count > args.head_dim:
+        parser.error(f"argument --outlier_count: must be at most --head_dim ({args.head_dim}), "
+                     f"got {args.outlier_count}")
+    check_output_dir(parser, args.output_dir, f"distortion_{source}")
 
     if source == "model":
-        heads = model_heads(args.model, args.tokens, args.layers, args.seed)
+        try:
+            heads = model_heads(args.model, args.tokens, args.layers, args.seed, args.outlier_count)
+        except ArgumentProblem as e:
+            parser.error(str(e))
         name = Path(args.model).name
     else:
         heads = synthetic_heads(args.tokens, args.head_dim, args.queries, args.seed)
@@ -178,6 +234,14 @@ def main(argv=None) -> dict:
     print(format_table("m/d", list(BITS_PER_CHANNEL), curves))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return data
+
+
+def check_output_dir(parser, output_dir: str, stem: str) -> None:
+    """A usage error unless ``<output_dir>/<stem>.json`` and ``.png`` can be written."""
+    try:
+        check_output_paths(output_dir, [f"{stem}.json", f"{stem}.png"])
+    except ValueError as e:
+        parser.error(f"argument --output_dir: {e}")
 
 
 def original_main(args) -> dict:

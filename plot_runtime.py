@@ -17,7 +17,8 @@ and QJL.
     python plot_runtime.py --preset llama3-8b --variant ours
     python plot_runtime.py --preset llama2-7b --max_len 131072
 
-Writes ``<output_dir>/runtime_<preset>.json`` and ``.png`` and prints the table.
+Writes ``<output_dir>/runtime_<preset>.json`` after each length (``"complete": false`` until the
+last one, so an interrupted sweep keeps what finished), then ``.png``, and prints the table.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import models
 import qjl_kernel
-from figures import DeviceTimer, format_table, median, plot_panels, positive_int, write_json
+from cli_io import check_output_paths, write_json_atomic
+from figures import DeviceTimer, format_table, median, plot_panels, positive_int
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_LEN = 131072  # the longest sweep offered (the paper's, 2^17); the model has positions for 2^18
 PRESETS = {
     # Llama-2-7B shapes (MHA), fp16; the paper generates 128 tokens.
     "llama2-7b": dict(
@@ -122,12 +125,13 @@ def lengths_between(min_len: int, max_len: int) -> list[int]:
     return lengths
 
 
-def sweep(model, methods, qjl_config, lengths, new_tokens, repeats, *, progress=True) -> dict:
-    """Median encode / decode / total seconds and memory per method and length."""
+def sweep(model, methods, qjl_config, lengths, new_tokens, repeats, *, progress=True, after_length=None) -> dict:
+    """Median encode / decode / total seconds and memory per method and length.
+    ``after_length(k, results)`` is called once the first ``k`` lengths are measured."""
     results = {m: {"encode_s": [], "decode_s": [], "total_s": [], "cache_bytes": [], "peak_bytes": []} for m in methods}
     for method in methods:  # warm-up: first calls pay for allocations and lazy initialization
         measure(model, method, qjl_config, lengths[0], 2)
-    for seq_len in lengths:
+    for done, seq_len in enumerate(lengths, 1):
         for method in methods:
             runs = [measure(model, method, qjl_config, seq_len, new_tokens) for _ in range(repeats)]
             r = results[method]
@@ -139,15 +143,49 @@ def sweep(model, methods, qjl_config, lengths, new_tokens, repeats, *, progress=
             if progress:
                 print(f"  {seq_len:>7} {method:>6}: encode {r['encode_s'][-1]:.4f}s decode {r['decode_s'][-1]:.4f}s",
                       flush=True)
+        if after_length is not None:
+            after_length(done, results)
     return results
 
 
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: ``cpu`` or ``cuda[:N]``, the GPU present."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu or cuda[:N])") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+                                             f"is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def load_qjl_config(path: str | Path, head_dim: int) -> models.QJLConfig:
+    """The QJLConfig preset at ``path``, checked to run on keys of ``head_dim``; ValueError naming the
+    file when it cannot be read, is not a JSON object of QJLConfig fields, or holds invalid settings."""
+    try:
+        config = models.QJLConfig.from_json(path)
+        config.check_head_dim(head_dim)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, TypeError) as e:  # a UnicodeDecodeError is a ValueError
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    return config
+
+
 def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048, variants: dict = VARIANTS,
-               default_variant: tuple[str, str] = ("original", "original")):
+               default_variant: tuple[str, str] = ("original", "original"), output_prefix: str | None = None):
     """Arguments shared with plot_memory_peak.py; defaults depend on the device.
 
     ``variants`` maps each ``--variant`` to the ``qjl_config`` and ``num_layers`` it implies;
-    ``default_variant`` is the ``(CPU, GPU)`` default."""
+    ``default_variant`` is the ``(CPU, GPU)`` default. Every argument is checked here, before any
+    work: the device, the QJL preset, and ``--output_dir`` (with ``<output_prefix>_<preset>.json``
+    and ``.png`` in it when ``output_prefix`` is given)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny on CPU, llama3-8b on GPU")
     implied = "; ".join(f"{name}: {v['num_layers']} layer(s), {Path(v['qjl_config']).name}"
@@ -158,11 +196,12 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     parser.add_argument("--num_layers", type=positive_int, help="decoder layers (default: the variant's)")
     parser.add_argument("--min_len", type=positive_int, help="default: 256 on CPU, 512 on GPU")
     parser.add_argument("--max_len", type=positive_int,
-                        help=f"default: {cpu_max_len} on CPU, 65536 on GPU (up to 131072)")
+                        help=f"default: {cpu_max_len} on CPU, 65536 on GPU (at most {MAX_LEN})")
     parser.add_argument("--new_tokens", type=positive_int, help="decode steps (default: the preset's)")
     parser.add_argument("--repeats", type=positive_int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the preset's")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default: cuda if a GPU is available)")
     parser.add_argument("--qjl_config", help="QJLConfig preset JSON (default: the variant's)")
     parser.add_argument("--output_dir", default="results/runtime")
     args = parser.parse_args(argv)
@@ -181,16 +220,28 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
             setattr(args, name, PRESETS[args.preset][name])
     if args.min_len <= 0 or args.max_len < args.min_len:
         parser.error(f"need 0 < --min_len <= --max_len, got {args.min_len}, {args.max_len}")
+    if args.max_len > MAX_LEN:
+        parser.error(f"argument --max_len: must be at most {MAX_LEN}, got {args.max_len}")
     if args.num_layers <= 0 or args.repeats <= 0 or args.new_tokens <= 0:
         parser.error("--num_layers, --repeats and --new_tokens must be positive")
+    args.methods = list(dict.fromkeys(args.methods))  # a method given twice is measured once
+    try:
+        load_qjl_config(args.qjl_config, PRESETS[args.preset]["model"]["head_dim"])
+    except ValueError as e:
+        parser.error(f"argument --qjl_config: {e}")
+    names = [f"{output_prefix}_{args.preset}{suffix}" for suffix in (".json", ".png")] if output_prefix else []
+    try:
+        check_output_paths(args.output_dir, names)
+    except ValueError as e:
+        parser.error(f"argument --output_dir: {e}")
     return args
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv, output_prefix="runtime")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    qjl_config = models.QJLConfig.from_json(args.qjl_config)
+    qjl_config = load_qjl_config(args.qjl_config, PRESETS[args.preset]["model"]["head_dim"])
     model = build_model(args.preset, args.num_layers, device, dtype)
     lengths = lengths_between(args.min_len, args.max_len)
     backend = qjl_kernel.backend_for(torch.empty(0, device=device))
@@ -198,13 +249,19 @@ def main(argv=None) -> dict:
     print(f"runtime sweep: preset {args.preset}, variant {args.variant} (QJL m = {sorted(set(sketch_dims))}), "
           f"{args.num_layers} layer(s), {args.dtype}, {device}, {args.new_tokens} new tokens, "
           f"median of {args.repeats}, QJL ops backend: {backend}")
-    results = sweep(model, args.methods, qjl_config, lengths, args.new_tokens, args.repeats)
-
     stem = Path(args.output_dir) / f"runtime_{args.preset}"
-    data = dict(preset=args.preset, variant=args.variant, num_layers=args.num_layers, dtype=args.dtype,
-                device=str(device), backend=backend, qjl_sketch_dims=sketch_dims, new_tokens=args.new_tokens,
-                repeats=args.repeats, lengths=lengths, qjl_config=qjl_config.to_dict(), results=results)
-    write_json(stem.with_suffix(".json"), data)
+
+    def document(done: int, results: dict) -> dict:  # the JSON once the first ``done`` lengths are measured
+        return dict(preset=args.preset, variant=args.variant, num_layers=args.num_layers, dtype=args.dtype,
+                    device=str(device), backend=backend, qjl_sketch_dims=sketch_dims, new_tokens=args.new_tokens,
+                    repeats=args.repeats, lengths=lengths[:done], complete=done == len(lengths),
+                    qjl_config=qjl_config.to_dict(), results=results)
+
+    def save(done: int, results: dict) -> None:  # after each length: an interrupt keeps the lengths measured
+        write_json_atomic(stem.with_suffix(".json"), document(done, results))
+
+    results = sweep(model, args.methods, qjl_config, lengths, args.new_tokens, args.repeats, after_length=save)
+    data = document(len(lengths), results)  # what the last save wrote
     panels = [(f"{label} (s)", {m: results[m][key] for m in args.methods})
               for label, key in (("encode + quantize", "encode_s"), (f"decode {args.new_tokens} tokens", "decode_s"),
                                  ("total", "total_s"))]

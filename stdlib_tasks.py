@@ -40,6 +40,7 @@ from synthetic_tasks import write_jsonl
 
 TASKS = ("stdlib_lcc", "stdlib_niah", "stdlib_niah_multikey")
 DEFAULT_CHARS = (3000, 6000)
+MIN_CHARS = 200
 NEEDLE_KEYS = (
     "apple", "river", "candle", "harbor", "violet", "tiger", "marble", "comet", "willow", "falcon", "lantern",
     "meadow", "orchid", "pepper", "quartz", "saddle", "thunder", "velvet", "walnut", "anchor", "blossom", "canyon",
@@ -150,8 +151,8 @@ def generate(task: str, n: int, chars: Sequence[int] = DEFAULT_CHARS, seed: int 
         raise ValueError(f"unknown standard-library task {task!r}; choose from {', '.join(TASKS)}")
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    if not chars or min(chars) < 200:
-        raise ValueError(f"chars must be non-empty and at least 200 each, got {list(chars)}")
+    if not chars or min(chars) < MIN_CHARS:
+        raise ValueError(f"chars must be non-empty and at least {MIN_CHARS} each, got {list(chars)}")
     records = []
     for i in range(n):
         size = int(chars[i % len(chars)])
@@ -185,17 +186,33 @@ def previous_line_baseline(records: Sequence[dict]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cli_io import check_output_paths, non_negative_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/stdlib")
-    p.add_argument("--n", type=int, default=20, help="examples per task (context sizes cycle over --chars)")
-    p.add_argument("--chars", type=int, nargs="+", default=list(DEFAULT_CHARS), help="context sizes in characters")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=20, help="examples per task (context sizes cycle over --chars)")
+    p.add_argument("--chars", type=positive_int, nargs="+", default=list(DEFAULT_CHARS),
+                   help=f"context sizes in characters (at least {MIN_CHARS})")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = p.parse_args(argv)
-    for path in write_tasks(args.out_dir, args.n, args.chars, args.seed, args.tasks):
+    if min(args.chars) < MIN_CHARS:
+        p.error(f"argument --chars: must be at least {MIN_CHARS} characters each, got {min(args.chars)}")
+    tasks = list(dict.fromkeys(args.tasks))
+    try:
+        check_output_paths(args.out_dir, [f"{task}.jsonl" for task in tasks])
+    except ValueError as e:
+        p.error(f"argument --out_dir: {e}")
+    try:  # every task before writing any: a size no file can serve writes nothing
+        records = {task: generate(task, args.n, args.chars, args.seed) for task in tasks}
+    except ValueError as e:
+        p.error(f"argument --chars: {e}")
+    for task, rows in records.items():
+        path = Path(args.out_dir) / f"{task}.jsonl"
+        write_jsonl(rows, path)
         print(path)
-    if "stdlib_lcc" in args.tasks:
-        print(f"stdlib_lcc: repeating the previous line scores {previous_line_baseline(generate('stdlib_lcc', args.n, args.chars, args.seed))}")
+    if "stdlib_lcc" in records:
+        print(f"stdlib_lcc: repeating the previous line scores {previous_line_baseline(records['stdlib_lcc'])}")
 
 
 if __name__ == "__main__":

@@ -176,14 +176,28 @@ def write_tasks(out_dir: str | Path, n: int, lengths=DEFAULT_LENGTHS, seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cli_io import check_output_paths, non_negative_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/synthetic")
-    p.add_argument("--n", type=int, default=50, help="examples per task (lengths cycle over --lengths)")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=50, help="examples per task (lengths cycle over --lengths)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=list(DEFAULT_LENGTHS),
+                   help="prompt lengths in tokens")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = p.parse_args(argv)
-    for path in write_tasks(args.out_dir, args.n, args.lengths, args.seed, args.tasks):
+    tasks = list(dict.fromkeys(args.tasks))
+    try:
+        check_output_paths(args.out_dir, [f"{task}.jsonl" for task in tasks])
+    except ValueError as e:
+        p.error(f"argument --out_dir: {e}")
+    try:  # every task before writing any: a length too short for a task's prompt writes nothing
+        records = {task: generate(task, args.n, args.lengths, args.seed) for task in tasks}
+    except ValueError as e:
+        p.error(f"argument --lengths: {e}")
+    for task, rows in records.items():
+        path = Path(args.out_dir) / f"{task}.jsonl"
+        write_jsonl(rows, path)
         print(path)
 
 

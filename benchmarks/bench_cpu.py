@@ -26,7 +26,6 @@ torch uses.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 import qjl_kernel  # noqa: E402
+from cli_io import check_output_paths, positive_int, write_json_atomic  # noqa: E402
 from models.pretrained import SMOLLM2, SMOLLM2_NAME, load_causal_lm  # noqa: E402
 from real_text import stdlib_text  # noqa: E402
 
@@ -186,16 +186,29 @@ def bench_model(token_counts, repeats, decode_steps=8):
     return rows
 
 
+def token_counts(text: str) -> list[int]:
+    """argparse type of ``--op-tokens`` / ``--model-tokens``: comma-separated positive integers."""
+    try:
+        return [positive_int(item.strip()) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op-tokens", default="4096,8192,16384,32768,65536")
-    parser.add_argument("--model-tokens", default="1024,2048,4096,8192")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds per op-level measurement")
-    parser.add_argument("--model-repeats", type=int, default=2, help="rounds per model-level measurement")
+    parser.add_argument("--op-tokens", type=token_counts, default="4096,8192,16384,32768,65536")
+    parser.add_argument("--model-tokens", type=token_counts, default="1024,2048,4096,8192")
+    parser.add_argument("--repeats", type=positive_int, default=15, help="rounds per op-level measurement")
+    parser.add_argument("--model-repeats", type=positive_int, default=2, help="rounds per model-level measurement")
     parser.add_argument("--skip-op", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.json:  # before the benchmark, not after it
+        try:
+            check_output_paths(args.json.parent, [args.json.name])
+        except ValueError as e:
+            parser.error(f"argument --json: {e}")
     torch.manual_seed(0)
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernel ISA "
               f"{qjl_kernel.cpu_isa()}, {torch.backends.cpu.get_cpu_capability()} (ATen)")
@@ -206,13 +219,12 @@ def main(argv=None) -> int:
             print("warning: qjl_kernel._C has no CPU kernels; 'qjl' below is the reference", file=sys.stderr)
         print("\nOp level: one decode step, one layer, batch 1, float32 (ms, median; ratio = median of qjl / exact per round)")
         print(f"{'shape':20} {'layer':26} {'tokens':>6} {'exact':>9} {'qjl':>9} {'qjl (ref)':>9} {'ratio':>6}")
-        results["op"] = bench_ops([int(t) for t in args.op_tokens.split(",")], args.repeats)
+        results["op"] = bench_ops(args.op_tokens, args.repeats)
     if not args.skip_model:
         print(f"\nModel level: {SMOLLM2_NAME}, float32, stdlib text; prefill (s) and decode (ms/token), medians")
-        results["model"] = bench_model([int(t) for t in args.model_tokens.split(",")], args.model_repeats)
+        results["model"] = bench_model(args.model_tokens, args.model_repeats)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results, indent=1)
     return 0
 
 

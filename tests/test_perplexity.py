@@ -211,6 +211,20 @@ def test_a_foreign_json_is_refused(model, ids, tmp_path):
         P.run_sweep(model, ids, [], prompt=PROMPT, chunk=CHUNK, settings=SETTINGS, output=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("content, match", [
+    ('{"settings": {', r"is not valid JSON \(line 1: .*\); refusing to overwrite it"),
+    ("[1, 2]", "is not a perplexity.py results file"),
+    ('{"settings": 5, "results": []}', "is not a perplexity.py results file"),
+    ('{"settings": {}, "results": [{"ppl": 1.0}]}', "is not a perplexity.py results file"),
+])  # fmt: skip
+def test_an_unreadable_results_file_is_refused_by_name_and_left_alone(model, ids, tmp_path, content, match):
+    path = tmp_path / P.JSON_NAME
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " " + match):
+        P.run_sweep(model, ids, [], prompt=PROMPT, chunk=CHUNK, settings=SETTINGS, output=tmp_path, progress=False)
+    assert path.read_text() == content
+
+
 # --- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens, prompt, chunk, match", [
     (64, 64, 32, r"tokens \(64\) must exceed prompt \(64\)"),
@@ -263,6 +277,60 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(argv, match, capsys, m
     assert re.search(match, capsys.readouterr().err)
 
 
+def _stored_results(directory, **settings):
+    """A results file in ``directory`` made with the CLI's default settings, ``settings`` replaced."""
+    defaults = dict(model="smollm2", dtype="float32", tokens=4096, prompt=256, chunk=128,
+                    text=f"python {sys.version_info.major}.{sys.version_info.minor} standard-library sources",
+                    ids_sha256="x", num_layers=30)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / P.JSON_NAME
+    path.write_text(json.dumps({"format": 1, "settings": {**defaults, **settings}, "results": []}))
+    return path
+
+
+def test_cli_checks_the_output_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import models.pretrained
+
+    monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    corrupt = tmp_path / "corrupt" / P.JSON_NAME
+    corrupt.parent.mkdir()
+    corrupt.write_text('{"settings": {')
+    (tmp_path / "figure" / P.FIGURE_NAME).mkdir(parents=True)
+    cases = [
+        (target, [], f"{target} exists and is not a directory"),
+        (tmp_path / "corrupt", [], f"{corrupt} is not valid JSON (line 1: "),
+        (tmp_path / "other", ["--chunk", "64"],
+         f"{tmp_path / 'other' / P.JSON_NAME} holds results of other settings (chunk: 128 there, 64 now)"),
+    ]
+    if HAS_MATPLOTLIB:
+        cases.append((tmp_path / "figure", [], f"{tmp_path / 'figure' / P.FIGURE_NAME} is a directory"))
+    _stored_results(tmp_path / "other")
+    for output, extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            P.main(["--output", str(output), *extra] + ([] if output.name == "figure" else ["--no-figure"]))
+        assert exit_info.value.code == 2
+        assert f"argument --output: {message}" in capsys.readouterr().err
+    assert target.read_text() == "mine" and corrupt.read_text() == '{"settings": {'  # left alone
+    with pytest.raises(pytest.fail.Exception, match="model loaded"):  # the same settings: resumed, so it loads
+        P.main(["--output", str(tmp_path / "other"), "--no-figure"])
+
+
+@pytest.mark.skipif(not (TINYLM / "config.json").exists(), reason="the embedded tinylm/model is missing")
+def test_cli_refuses_results_of_another_text_before_running(tmp_path, capsys, monkeypatch):
+    # the text's digest and the depth are known once the model (its tokenizer) is loaded: checked then,
+    # before any configuration runs
+    monkeypatch.setattr(P, "evaluate", lambda *a, **k: pytest.fail("a configuration ran"))
+    _stored_results(tmp_path, model=str(TINYLM), tokens=300, prompt=64, chunk=64, ids_sha256="0000", num_layers=3)
+    with pytest.raises(SystemExit) as exit_info:
+        P.main(["--model", str(TINYLM), "--tokens", "300", "--prompt", "64", "--chunk", "64", "--output", str(tmp_path),
+                "--methods", "exact", "--no-figure"])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --output: .*holds results of other settings \(ids_sha256: '0000' there, '[0-9a-f]{16}' "
+                     r"now\)", capsys.readouterr().err)
+
+
 def test_missing_matplotlib_fails_early_with_a_clear_message(monkeypatch, tmp_path):
     import models.pretrained
 
@@ -285,7 +353,7 @@ def test_figure(model, ids, sweep, tmp_path):
 
 
 @pytest.mark.skipif(not (TINYLM / "config.json").exists(), reason="the embedded tinylm/model is missing")
-def test_cli_end_to_end_on_a_local_model(tmp_path, capsys):
+def test_cli_end_to_end_on_a_local_model(tmp_path, capsys, monkeypatch):
     argv = ["--model", str(TINYLM), "--tokens", "300", "--prompt", "64", "--chunk", "64", "--output", str(tmp_path),
             "--methods", "exact", "kivi-2", "qjl-m64-o0-v2"] + ([] if HAS_MATPLOTLIB else ["--no-figure"])
     data = P.main(argv)
@@ -300,5 +368,11 @@ def test_cli_end_to_end_on_a_local_model(tmp_path, capsys):
     assert "qjl-m64-o0-v2" in out and "kv b/ch" in out
     again = P.main(argv + ["--no-figure"])  # resumes: nothing new to run
     assert again == data
-    with pytest.raises(ValueError, match=r"prompt: 64 there, 32 now"):
+    import models.pretrained
+
+    monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_info:  # other settings: refused before loading the model
         P.main(argv[:4] + ["--prompt", "32"] + argv[6:] + ["--no-figure"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --output: " in err and "refusing to mix them" in err and "prompt: 64 there, 32 now" in err

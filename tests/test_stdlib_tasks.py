@@ -94,3 +94,44 @@ def test_bad_arguments_are_refused(kwargs, match):
     args = {"task": "stdlib_niah", "n": 2, "chars": CHARS, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
         stdlib_tasks.generate(**args)
+
+
+def test_cli_writes_the_files_and_the_baseline(tmp_path, capsys):
+    stdlib_tasks.main(["--out_dir", str(tmp_path), "--n", "2", "--chars", "1000", "--tasks", "stdlib_lcc",
+                       "stdlib_niah"])
+    out = capsys.readouterr().out
+    for task in ("stdlib_lcc", "stdlib_niah"):
+        rows = [json.loads(line) for line in (tmp_path / f"{task}.jsonl").read_text().splitlines()]
+        assert rows == stdlib_tasks.generate(task, 2, [1000], seed=0)
+    baseline = stdlib_tasks.previous_line_baseline(stdlib_tasks.generate("stdlib_lcc", 2, [1000], seed=0))
+    assert f"stdlib_lcc: repeating the previous line scores {baseline}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "0"], "argument --n: must be a positive integer, got 0"),
+        (["--chars", "0"], "argument --chars: must be a positive integer, got 0"),
+        (["--chars", "1000", "-5"], "argument --chars: must be a positive integer, got -5"),
+        (["--chars", "1000", "50"], "argument --chars: must be at least 200 characters each, got 50"),
+        (["--chars", "100000000", "--n", "1"], "argument --chars: no standard-library file is longer than 100000000"),
+        (["--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
+    ],
+)
+def test_cli_bad_arguments_are_usage_errors_and_write_nothing(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        stdlib_tasks.main(["--out_dir", str(tmp_path / "out"), "--tasks", "stdlib_lcc", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_checks_out_dir_before_generating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(stdlib_tasks, "generate", lambda *a, **k: pytest.fail("generated before the check"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        stdlib_tasks.main(["--out_dir", str(target)])
+    assert exit_info.value.code == 2
+    assert f"argument --out_dir: {target} exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "mine"

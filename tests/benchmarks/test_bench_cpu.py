@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -68,3 +70,42 @@ def test_prefill_timing_includes_the_prompts_compression():
         bench.compress_prompt(cache)
         assert layer.key_store.num_committed == 96 and layer.value_store.num_quantized == 100 - 32
     bench.compress_prompt(models.make_cache("exact", model.config, None))  # exact layers: nothing to do
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--op-tokens", "0"], "argument --op-tokens: must be comma-separated positive integers, got '0'"),
+        (["--op-tokens=-5"], "argument --op-tokens: must be comma-separated positive integers, got '-5'"),
+        (["--op-tokens", "abc"], "argument --op-tokens: must be comma-separated positive integers, got 'abc'"),
+        (["--op-tokens", "4096,,8192"], "argument --op-tokens: must be comma-separated positive integers"),
+        (["--model-tokens", "1024,0"],
+         "argument --model-tokens: must be comma-separated positive integers, got '1024,0'"),
+        (["--model-tokens=-5"], "argument --model-tokens: must be comma-separated positive integers, got '-5'"),
+        (["--model-tokens", "abc"], "argument --model-tokens: must be comma-separated positive integers, got 'abc'"),
+        (["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+        (["--model-repeats", "0"], "argument --model-repeats: must be a positive integer, got 0"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_any_work(argv, message, capsys, monkeypatch):
+    bench = _load()
+    monkeypatch.setattr(bench, "bench_ops", lambda *a: pytest.fail("the op benchmark ran"))
+    monkeypatch.setattr(bench, "bench_model", lambda *a: pytest.fail("the model benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_json_path_is_checked_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    bench = _load()
+    monkeypatch.setattr(bench, "bench_ops", lambda *a: pytest.fail("the op benchmark ran"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    for path, problem in ((tmp_path, f"{tmp_path} is a directory"),
+                          (target / "bench.json", f"{target} exists and is not a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--skip-model", "--json", str(path)])
+        assert exit_info.value.code == 2
+        assert f"argument --json: {problem}" in capsys.readouterr().err
+    assert target.read_text() == "mine"

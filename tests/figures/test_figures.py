@@ -133,8 +133,15 @@ def test_given_knobs_are_kept_and_missing_ones_defaulted():
 # --- the original code's settings, offered as variants -------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])  # parse_args only reads the device's type
-def test_runtime_defaults_to_the_originals_single_layer_at_m_160(device):
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """parse_args refuses --device cuda without a GPU; past that check it only reads the device's type."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_runtime_defaults_to_the_originals_single_layer_at_m_160(device, pretend_gpu):
     args = plot_runtime.parse_args(["--device", device])
     assert (args.variant, args.num_layers) == ("original", 1)
     config = models.QJLConfig.from_json(args.qjl_config)
@@ -164,7 +171,7 @@ def test_m_160_runs_through_the_cache():
     assert m.cache_bytes > 0
 
 
-def test_memory_original_variant_is_the_full_depth_budget():
+def test_memory_original_variant_is_the_full_depth_budget(pretend_gpu):
     gpu = plot_memory_peak.parse_args(["--device", "cuda"])
     cpu = plot_memory_peak.parse_args(["--device", "cpu"])
     assert (gpu.variant, gpu.num_layers, cpu.variant, cpu.num_layers) == ("original", 32, "ours", 1)
@@ -250,3 +257,196 @@ def test_distortion_original_variant_end_to_end(tmp_path, monkeypatch):
     assert "round(l * 2 / 31)" in data["layer_mapping"]
     for errors in data["results"].values():
         assert errors[-1] < errors[0] / 2
+
+
+# --- command-line robustness: every argument and output path checked before the sweep ------------------------
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C (a real KeyboardInterrupt would stop pytest itself)."""
+
+
+def _fake_sweep(monkeypatch, stop_at=None):
+    """No model, and a measure() that takes no time (and raises Interrupted at ``stop_at`` tokens)."""
+
+    def measure(model, method, qjl_config, seq_len, new_tokens, timer_factory=None):
+        if seq_len == stop_at:
+            raise Interrupted
+        return plot_runtime.Measurement(seq_len * 1e-3, new_tokens * 1e-3, seq_len, None)
+
+    monkeypatch.setattr(plot_runtime, "build_model", lambda *a, **k: None)
+    monkeypatch.setattr(plot_runtime, "measure", measure)
+
+
+SHORT_SWEEP = ["--device", "cpu", "--min_len", "16", "--max_len", "64", "--repeats", "1", "--new_tokens", "1"]
+
+
+def test_runtime_json_is_written_after_each_length(tmp_path, monkeypatch):
+    _fake_sweep(monkeypatch, stop_at=64)
+    with pytest.raises(Interrupted):  # interrupted during the third length
+        plot_runtime.main([*SHORT_SWEEP, "--output_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "runtime_tiny.json").read_text())
+    assert saved["lengths"] == [16, 32] and saved["complete"] is False
+    assert all(r["cache_bytes"] == [16, 32] for r in saved["results"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["runtime_tiny.json"]  # no temporary file left, no figure yet
+    _fake_sweep(monkeypatch)
+    data = plot_runtime.main([*SHORT_SWEEP, "--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "runtime_tiny")
+    assert data["lengths"] == [16, 32, 64] and data["complete"] is True
+
+
+def test_runtime_measures_a_repeated_method_once(tmp_path, monkeypatch):
+    assert plot_runtime.parse_args(["--device", "cpu", "--methods", "qjl", "exact", "qjl"]).methods == ["qjl", "exact"]
+    _fake_sweep(monkeypatch)
+    data = plot_runtime.main([*SHORT_SWEEP, "--methods", "qjl", "qjl", "--output_dir", str(tmp_path)])
+    assert data == _outputs(tmp_path, "runtime_tiny")
+    assert list(data["results"]) == ["qjl"] and data["results"]["qjl"]["cache_bytes"] == [16, 32, 64]
+
+
+def test_runtime_checks_the_output_dir_before_the_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(plot_runtime, "build_model", lambda *a, **k: pytest.fail("model built before the check"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    (tmp_path / "out" / "runtime_tiny.png").mkdir(parents=True)
+    for output_dir, problem in ((target, f"{target} exists and is not a directory"),
+                                (target / "sub", f"cannot create {target / 'sub'}: {target} is not a directory"),
+                                (tmp_path / "out", f"{tmp_path / 'out' / 'runtime_tiny.png'} is a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_runtime.main([*SHORT_SWEEP, "--output_dir", str(output_dir)])
+        assert exit_info.value.code == 2
+        assert f"argument --output_dir: {problem}" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "device, gpus, message",
+    [
+        ("banana", 0, "argument --device: not a device: 'banana' (use cpu or cuda[:N])"),
+        ("mps", 0, "argument --device: must be cpu or cuda[:N], got 'mps'"),
+        ("cuda", 0, "argument --device: 'cuda': no CUDA GPU is available here"),
+        ("cuda:1", 1, "argument --device: 'cuda:1': this machine has 1 CUDA device(s)"),
+    ],
+)
+def test_runtime_refuses_a_device_it_cannot_use(device, gpus, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for parse in (plot_runtime.parse_args, plot_memory_peak.parse_args):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--device", device])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "cannot read it (No such file or directory)"),
+        ("[1, 2]", "a QJLConfig file holds a JSON object of fields, got a list"),
+        ('{"group_size": 32,', "not valid JSON"),
+        ('{"bogus": 1}', "unknown QJLConfig keys ['bogus']"),
+        ('{"group_size": 48}', "buffer_size must be a positive multiple of group_size (48), got 128"),
+        ('{"group_size": "32"}', "group_size must be an int"),
+        ('{"outlier_count_general": 200}', "outlier_count_general (200) exceeds head_dim (128)"),  # the presets' d
+    ],
+)
+def test_runtime_refuses_a_bad_qjl_config_naming_the_file(content, problem, tmp_path, capsys):
+    path = tmp_path / "qjl.json"
+    if content is not None:
+        path.write_text(content)
+    for parse in (plot_runtime.parse_args, plot_memory_peak.parse_args):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--device", "cpu", "--qjl_config", str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --qjl_config: {path}" in err and problem in err
+
+
+def test_runtime_max_len_is_bounded_as_the_help_says(capsys):
+    assert plot_runtime.parse_args(["--device", "cpu", "--max_len", "131072"]).max_len == plot_runtime.MAX_LEN == 131072
+    with pytest.raises(SystemExit) as exit_info:
+        plot_runtime.parse_args(["--device", "cpu", "--max_len", "262144"])
+    assert exit_info.value.code == 2
+    assert "argument --max_len: must be at most 131072, got 262144" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--head_dim", "7"], "argument --head_dim: must be a multiple of 8 in [8, 256]"),
+        (["--head_dim", "300"], "argument --head_dim: must be a multiple of 8 in [8, 256]"),
+        (["--head_dim", "0"], "argument --head_dim: must be a positive integer, got 0"),
+        (["--head_dim", "16", "--outlier_count", "20"],
+         "argument --outlier_count: must be at most --head_dim (16), got 20"),
+    ],
+)
+def test_distortion_refuses_synthetic_keys_it_cannot_sketch(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot_distortion.main([*argv, "--tokens", "64", "--queries", "4", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    """Two saved random Llamas: 2 layers of head_dim 64, and 1 layer of head_dim 12 (no sketch fits it)."""
+    paths = {}
+    shared = dict(num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    for name, config in (
+        ("d64", LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=64, **shared)),
+        ("d12", LlamaConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, head_dim=12, **shared)),
+    ):
+        torch.manual_seed(0)
+        paths[name] = tmp_path_factory.mktemp(name) / "model"
+        LlamaForCausalLM(config).save_pretrained(paths[name])
+    return paths
+
+
+def test_distortion_checks_the_arguments_against_the_model_before_running_it(small_models, tmp_path, capsys,
+                                                                               monkeypatch):
+    import models.capture
+
+    monkeypatch.setattr(models.capture, "capture_queries_keys",
+                        lambda *a, **k: pytest.fail("model ran before the check"))
+    for model, argv, message in (
+        ("d64", ["--layers", "0", "7"], "argument --layers: [7] not in the model's 2 layers (0..1)"),
+        ("d64", ["--outlier_count", "65"],
+         "argument --outlier_count: must be at most the model's head_dim (64), got 65"),
+        ("d12", [], "argument --model: its head_dim must be a multiple of 8 in [8, 256]"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_distortion.main(["--model", str(small_models[model]), "--tokens", "64", *argv,
+                                  "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_distortion_original_variant_checks_the_layers_before_running_the_model(tmp_path, capsys, monkeypatch):
+    import models.capture
+    import models.pretrained
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=64)
+
+    def tokenizer(text, return_tensors):
+        return type("Encoding", (), {"input_ids": torch.zeros(1, 300, dtype=torch.long)})()
+
+    monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: (LlamaForCausalLM(config), tokenizer))
+    monkeypatch.setattr(models.capture, "capture_queries_keys",
+                        lambda *a, **k: pytest.fail("model ran before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        plot_distortion.main(["--variant", "original", "--layers", "1", "5", "--tokens", "256",
+                              "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --layers: [5] not in the model's 3 layers (0..2)" in capsys.readouterr().err
+
+
+def test_distortion_checks_the_output_dir_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(plot_distortion, "synthetic_heads", lambda *a, **k: pytest.fail("keys made before the check"))
+    monkeypatch.setattr(plot_distortion, "text_model_heads", lambda *a, **k: pytest.fail("model ran before the check"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    for argv in ([], ["--variant", "original"]):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_distortion.main([*argv, "--output_dir", str(target)])
+        assert exit_info.value.code == 2
+        assert f"argument --output_dir: {target} exists and is not a directory" in capsys.readouterr().err

@@ -107,3 +107,38 @@ def test_cli_writes_files(tmp_path):
     for task in synthetic_tasks.TASKS:
         lines = (tmp_path / f"{task}.jsonl").read_text().splitlines()
         assert len(lines) == 3 and json.loads(lines[0])["dataset"] == task
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "0"], "argument --n: must be a positive integer, got 0"),
+        (["--lengths", "0"], "argument --lengths: must be a positive integer, got 0"),
+        (["--lengths", "512", "-5"], "argument --lengths: must be a positive integer, got -5"),
+        (["--lengths", "40"], "argument --lengths: length 40 is too short for task 'passkey'"),
+        (["--seed", "-1"], "argument --seed: must be a non-negative integer, got -1"),
+    ],
+)
+def test_cli_bad_arguments_are_usage_errors_and_write_nothing(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic_tasks.main(["--out_dir", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_checks_out_dir_before_generating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(synthetic_tasks, "generate", lambda *a, **k: pytest.fail("generated before the check"))
+    target = tmp_path / "file"
+    target.write_text("mine")
+    for out_dir, message in ((target, f"{target} exists and is not a directory"),
+                             (target / "sub", f"cannot create {target / 'sub'}: {target} is not a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            synthetic_tasks.main(["--out_dir", str(out_dir)])
+        assert exit_info.value.code == 2
+        assert f"argument --out_dir: {message}" in capsys.readouterr().err
+    (tmp_path / "out" / "passkey.jsonl").mkdir(parents=True)  # a task's file is a directory
+    with pytest.raises(SystemExit):
+        synthetic_tasks.main(["--out_dir", str(tmp_path / "out")])
+    assert f"argument --out_dir: {tmp_path / 'out' / 'passkey.jsonl'} is a directory" in capsys.readouterr().err
+    assert target.read_text() == "mine"

@@ -1,0 +1,68 @@
+"""What the command-line scripts share (plot_*.py, perplexity.py, stdlib_tasks.py, synthetic_tasks.py,
+benchmarks/): argparse types that refuse bad numbers with a usage error, an output-path check to run
+before the expensive work, and atomic JSON writes. Imports nothing heavy (no torch), so the data
+scripts stay quick to start."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def _int_at_least(least: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in its messages
+    return parse
+
+
+# argparse types: a command-line 0 is refused with a usage error, never replaced by a default
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
+
+
+def check_output_paths(directory: str | Path, names=()) -> None:
+    """ValueError unless ``directory`` is a writable directory or can be created as one, and none of
+    the files ``names`` in it is a directory or read-only. A script calls this before its expensive
+    work, so that a bad output path fails at once rather than after the run, losing its results."""
+    directory = Path(directory)
+    if os.path.lexists(directory):
+        if not directory.is_dir():
+            raise ValueError(f"{directory} exists and is not a directory")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(f"{directory} is not writable")
+    else:
+        ancestor = directory.parent  # the nearest existing ancestor must let us create the rest
+        while not os.path.lexists(ancestor):
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ValueError(f"cannot create {directory}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot create {directory}: {ancestor} is not writable")
+    for name in names:
+        path = directory / name
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory")
+        if os.path.lexists(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"{path} is not writable")
+
+
+def write_json_atomic(path: str | Path, data, indent: int = 2) -> Path:
+    """Write ``data`` as JSON through a temporary file and a rename: an interrupt leaves the old
+    file or the new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    os.replace(tmp, path)
+    return path
