@@ -66,3 +66,11 @@ def write_json_atomic(path: str | Path, data, indent: int = 2) -> Path:
     tmp.write_text(json.dumps(data, indent=indent) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def require_output_paths(parser: argparse.ArgumentParser, flag: str, directory: str | Path, names=()) -> None:
+    """:func:`check_output_paths`, failing as a usage error of ``flag`` (exit 2, no traceback)."""
+    try:
+        check_output_paths(directory, names)
+    except ValueError as e:
+        parser.error(f"argument {flag}: {e}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cli_io import check_output_paths
+from cli_io import require_output_paths
 from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
 from models.config import MAX_HEAD_DIM
@@ -238,10 +238,7 @@ def main(argv=None) -> dict:
 
 def check_output_dir(parser, output_dir: str, stem: str) -> None:
     """A usage error unless ``<output_dir>/<stem>.json`` and ``.png`` can be written."""
-    try:
-        check_output_paths(output_dir, [f"{stem}.json", f"{stem}.png"])
-    except ValueError as e:
-        parser.error(f"argument --output_dir: {e}")
+    require_output_paths(parser, "--output_dir", output_dir, [f"{stem}.json", f"{stem}.png"])
 
 
 def original_main(args) -> dict:

@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import models
 import qjl_kernel
-from cli_io import check_output_paths, write_json_atomic
+from cli_io import require_output_paths, write_json_atomic
 from figures import DeviceTimer, format_table, median, plot_panels, positive_int
 
 ROOT = Path(__file__).resolve().parent
@@ -230,10 +230,7 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     except ValueError as e:
         parser.error(f"argument --qjl_config: {e}")
     names = [f"{output_prefix}_{args.preset}{suffix}" for suffix in (".json", ".png")] if output_prefix else []
-    try:
-        check_output_paths(args.output_dir, names)
-    except ValueError as e:
-        parser.error(f"argument --output_dir: {e}")
+    require_output_paths(parser, "--output_dir", args.output_dir, names)
     return args
 
 

@@ -186,7 +186,7 @@ def previous_line_baseline(records: Sequence[dict]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli_io import check_output_paths, non_negative_int, positive_int
+    from cli_io import non_negative_int, positive_int, require_output_paths
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/stdlib")
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.chars) < MIN_CHARS:
         p.error(f"argument --chars: must be at least {MIN_CHARS} characters each, got {min(args.chars)}")
     tasks = list(dict.fromkeys(args.tasks))
-    try:
-        check_output_paths(args.out_dir, [f"{task}.jsonl" for task in tasks])
-    except ValueError as e:
-        p.error(f"argument --out_dir: {e}")
+    require_output_paths(p, "--out_dir", args.out_dir, [f"{task}.jsonl" for task in tasks])
     try:  # every task before writing any: a size no file can serve writes nothing
         records = {task: generate(task, args.n, args.chars, args.seed) for task in tasks}
     except ValueError as e:

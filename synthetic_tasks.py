@@ -176,7 +176,7 @@ def write_tasks(out_dir: str | Path, n: int, lengths=DEFAULT_LENGTHS, seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli_io import check_output_paths, non_negative_int, positive_int
+    from cli_io import non_negative_int, positive_int, require_output_paths
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/synthetic")
@@ -187,10 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = p.parse_args(argv)
     tasks = list(dict.fromkeys(args.tasks))
-    try:
-        check_output_paths(args.out_dir, [f"{task}.jsonl" for task in tasks])
-    except ValueError as e:
-        p.error(f"argument --out_dir: {e}")
+    require_output_paths(p, "--out_dir", args.out_dir, [f"{task}.jsonl" for task in tasks])
     try:  # every task before writing any: a length too short for a task's prompt writes nothing
         records = {task: generate(task, args.n, args.lengths, args.seed) for task in tasks}
     except ValueError as e:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 import qjl_kernel  # noqa: E402
-from cli_io import check_output_paths, positive_int, write_json_atomic  # noqa: E402
+from cli_io import positive_int, require_output_paths, write_json_atomic  # noqa: E402
 from models.pretrained import SMOLLM2, SMOLLM2_NAME, load_causal_lm  # noqa: E402
 from real_text import stdlib_text  # noqa: E402
 
@@ -205,10 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.json:  # before the benchmark, not after it
-        try:
-            check_output_paths(args.json.parent, [args.json.name])
-        except ValueError as e:
-            parser.error(f"argument --json: {e}")
+        require_output_paths(parser, "--json", args.json.parent, [args.json.name])
     torch.manual_seed(0)
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernel ISA "
               f"{qjl_kernel.cpu_isa()}, {torch.backends.cpu.get_cpu_capability()} (ATen)")

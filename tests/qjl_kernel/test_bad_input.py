@@ -267,22 +267,28 @@ def test_quantize_keys_does_not_sync_on_gpu(backend):
 @gpu_tier
 def test_bad_outlier_indices_fail_on_gpu():
     """A repeated index on the GPU fails the device assertion (in a child: it ends the CUDA context)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
+    _fails_in_a_child(
         "import torch, qjl_kernel\n"
         "k = torch.randn(1, 2, 2, 8, 64, device='cuda')\n"
         "i = torch.zeros(1, 2, 2, 4, dtype=torch.uint8, device='cuda')\n"  # channel 0 four times
         "qjl_kernel.quantize_keys(k, i, torch.randn(128, 64, device='cuda'), 64)\n"
-        "torch.cuda.synchronize()\n"
+        "torch.cuda.synchronize()\n",
+        "distinct channels",
     )
+
+
+def _fails_in_a_child(code: str, message: str) -> None:
+    """``code`` fails in a fresh interpreter with ``message`` or a device-side assertion (a failed
+    device assertion ends the CUDA context, so it cannot run in the test process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "distinct channels" in out or "device-side assert" in out, out[-3000:]
+    assert message in out or "device-side assert" in out, out[-3000:]
 
 
 @gpu_tier
@@ -305,21 +311,13 @@ def test_key_state_checks_do_not_sync_on_gpu():
 @gpu_tier
 def test_bad_stored_outlier_indices_fail_on_gpu():
     """A stored index past head_dim on the GPU fails the device assertion (in a child: it ends the CUDA context)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
+    _fails_in_a_child(
         "import torch, qjl_kernel\n"
         "p = torch.randn(128, 64, device='cuda')\n"
         "i = torch.arange(4, device='cuda').expand(1, 2, 2, 4)\n"
         "s = qjl_kernel.quantize_keys(torch.randn(1, 2, 2, 8, 64, device='cuda'), i, p, 64)\n"
         "s = s._replace(outlier_indices=torch.full_like(s.outlier_indices, 200))\n"
         "qjl_kernel.key_scores(torch.randn(1, 2, 1, 64, device='cuda'), s, p)\n"
-        "torch.cuda.synchronize()\n"
+        "torch.cuda.synchronize()\n",
+        "keys.outlier_indices must lie in",
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "keys.outlier_indices must lie in" in out or "device-side assert" in out, out[-3000:]
