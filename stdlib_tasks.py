@@ -36,7 +36,7 @@ import numpy as np
 
 import metrics
 from real_text import stdlib_files
-from synthetic_tasks import write_jsonl
+from synthetic_tasks import write_jsonl, write_task_files
 
 TASKS = ("stdlib_lcc", "stdlib_niah", "stdlib_niah_multikey")
 DEFAULT_CHARS = (3000, 6000)
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         records = {task: generate(task, args.n, args.chars, args.seed) for task in tasks}
     except ValueError as e:
         p.error(f"argument --chars: {e}")
-    for task, rows in records.items():
-        path = Path(args.out_dir) / f"{task}.jsonl"
-        write_jsonl(rows, path)
-        print(path)
+    write_task_files(records, args.out_dir)
     if "stdlib_lcc" in records:
         print(f"stdlib_lcc: repeating the previous line scores {previous_line_baseline(records['stdlib_lcc'])}")
 

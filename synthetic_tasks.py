@@ -165,6 +165,16 @@ def write_jsonl(records: list[dict], path: str | Path) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def write_task_files(records: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/<task>.jsonl`` for each task's generated records, printing each path."""
+    paths = []
+    for task, rows in records.items():
+        paths.append(Path(out_dir) / f"{task}.jsonl")
+        write_jsonl(rows, paths[-1])
+        print(paths[-1])
+    return paths
+
+
 def write_tasks(out_dir: str | Path, n: int, lengths=DEFAULT_LENGTHS, seed: int = 0, tasks=TASKS) -> list[Path]:
     """Write ``<out_dir>/<task>.jsonl`` for each task; returns the paths."""
     paths = []
@@ -192,10 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         records = {task: generate(task, args.n, args.lengths, args.seed) for task in tasks}
     except ValueError as e:
         p.error(f"argument --lengths: {e}")
-    for task, rows in records.items():
-        path = Path(args.out_dir) / f"{task}.jsonl"
-        write_jsonl(rows, path)
-        print(path)
+    write_task_files(records, args.out_dir)
 
 
 if __name__ == "__main__":
