@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -74,3 +75,14 @@ def require_output_paths(parser: argparse.ArgumentParser, flag: str, directory: 
         check_output_paths(directory, names)
     except ValueError as e:
         parser.error(f"argument {flag}: {e}")
+
+
+def interruptible(main: Callable[[], object], kept: str) -> int:
+    """Run a script's ``main()``: 0 when it ends, and on Ctrl-C a line saying what is ``kept``
+    instead of a traceback, with exit status 130 (the shell's for SIGINT)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        return 130
+    return 0

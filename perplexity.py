@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from cli_io import check_output_paths, write_json_atomic
+from cli_io import check_output_paths, interruptible, write_json_atomic
 from figures import save_figure
 from models.accounting import FP16_BITS, qjl_bit_report
 from models.config import QJLConfig
@@ -507,4 +507,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(interruptible(main, "the configurations finished so far are saved; the same command resumes"))

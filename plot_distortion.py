@@ -27,11 +27,12 @@ Writes ``<output_dir>/distortion_<source>.json`` and ``.png`` (the original vari
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from cli_io import require_output_paths
+from cli_io import interruptible, require_output_paths
 from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
 from models.config import MAX_HEAD_DIM
@@ -273,4 +274,4 @@ def original_main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(interruptible(main, "nothing is written before the run ends; rerun it"))

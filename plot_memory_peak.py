@@ -18,12 +18,14 @@ Writes ``<output_dir>/memory_<preset>.json`` and ``.png`` and prints the table.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 import models
 import plot_runtime
+from cli_io import interruptible
 from figures import format_table, plot_panels, write_json
 
 FULL_DEPTH = 32  # decoder layers of Llama-2-7B and Llama-3-8B, the models of the paper
@@ -77,4 +79,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(interruptible(main, "nothing is written before the sweep ends; rerun it"))

@@ -24,6 +24,7 @@ last one, so an interrupted sweep keeps what finished), then ``.png``, and print
 from __future__ import annotations
 
 import argparse
+import sys
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import models
 import qjl_kernel
-from cli_io import require_output_paths, write_json_atomic
+from cli_io import interruptible, require_output_paths, write_json_atomic
 from figures import DeviceTimer, format_table, median, plot_panels, positive_int
 
 ROOT = Path(__file__).resolve().parent
@@ -273,4 +274,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(interruptible(main, "the JSON holds the lengths measured so far (marked complete: false)"))

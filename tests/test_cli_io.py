@@ -41,3 +41,35 @@ def test_check_output_paths_refuses_what_cannot_be_written(tmp_path):
     (tmp_path / "d" / "r.json").mkdir(parents=True)
     with pytest.raises(ValueError, match="r.json is a directory"):
         cli_io.check_output_paths(tmp_path / "d", ["r.json"])
+
+
+def test_interruptible_turns_ctrl_c_into_a_message_and_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert cli_io.interruptible(interrupted, "the rows so far are saved") == 130
+    assert "interrupted: the rows so far are saved" in capsys.readouterr().err
+    assert cli_io.interruptible(lambda: {"a": 1}, "unused") == 0
+
+
+@pytest.mark.parametrize("script", ["perplexity.py", "plot_runtime.py", "plot_memory_peak.py", "plot_distortion.py"])
+def test_scripts_end_with_a_message_on_ctrl_c(script):
+    """A SIGINT while the script runs gives the message and exit status 130, not a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    # The script's main replaced by a wait that says when it started, then interrupted: the __main__
+    # block's handling is what is tested.
+    code = ("import runpy, sys, time; sys.argv = [%r]; import cli_io; real = cli_io.interruptible\n"
+            "def waiting():\n    print('ready', flush=True)\n    time.sleep(120)\n"
+            "cli_io.interruptible = lambda main, kept: real(waiting, kept)\n"
+            "runpy.run_path(%r, run_name='__main__')\n") % (script, script)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: " in err and "Traceback" not in err
