@@ -1,4 +1,4 @@
-// Shape checks of decode_attention's arguments, shared by its CPU (cpu/decode_attention_cpu.cpp)
+// Rank, integer dtype and shape checks of decode_attention's arguments, shared by its CPU (cpu/decode_attention_cpu.cpp)
 // and CUDA (ops.cpp) host code; each backend adds its own device, dtype and layout checks.
 #pragma once
 
@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace qjl {
@@ -17,6 +18,8 @@ struct DecodeShape {
   int64_t B, H_q, L, d, H_kv, N, G, m, m_o, n_out, T_c, R, T, T_q, W;
 };
 
+// Ranks, the integer dtypes and value_bits first, then every size against the others (each backend
+// checks devices and the float dtypes it reads itself).
 inline DecodeShape check_decode_shapes(const at::Tensor& query, const at::Tensor& bits,
                                        const at::Tensor& outlier_bits, const at::Tensor& inlier_norms,
                                        const at::Tensor& outlier_norms, const at::Tensor& outlier_indices,
@@ -24,6 +27,23 @@ inline DecodeShape check_decode_shapes(const at::Tensor& query, const at::Tensor
                                        const at::Tensor& value_codes, const at::Tensor& value_scales,
                                        const at::Tensor& value_mins, const at::Tensor& value_window,
                                        int64_t value_bits, int64_t value_group_size) {
+  const std::pair<const at::Tensor*, const char*> rank4[] = {
+      {&query, "query"}, {&inlier_norms, "inlier_norms"}, {&outlier_norms, "outlier_norms"},
+      {&outlier_indices, "outlier_indices"}, {&residual_keys, "residual_keys"}, {&value_codes, "value_codes"},
+      {&value_scales, "value_scales"}, {&value_mins, "value_mins"}, {&value_window, "value_window"}};
+  for (const auto& [t, name] : rank4) TORCH_CHECK(t->dim() == 4, name, " must have rank 4, got shape ", t->sizes());
+  TORCH_CHECK(bits.dim() == 5, "bits must have rank 5, got shape ", bits.sizes());
+  TORCH_CHECK(outlier_bits.dim() == 5, "outlier_bits must have rank 5, got shape ", outlier_bits.sizes());
+  TORCH_CHECK(projection.dim() == 2, "projection must have rank 2, got shape ", projection.sizes());
+  TORCH_CHECK(projection.is_floating_point(), "projection must be a float tensor, got ", projection.scalar_type());
+  const std::pair<const at::Tensor*, const char*> bytes[] = {
+      {&bits, "bits"}, {&outlier_bits, "outlier_bits"}, {&outlier_indices, "outlier_indices"}};
+  for (const auto& [t, name] : bytes) {
+    TORCH_CHECK(t->scalar_type() == at::kByte, name, " must have dtype ", at::kByte, ", got ", t->scalar_type());
+  }
+  TORCH_CHECK(value_codes.scalar_type() == at::kInt, "value_codes must have dtype ", at::kInt, ", got ",
+              value_codes.scalar_type());
+  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
   DecodeShape s;
   s.B = query.size(0), s.H_q = query.size(1), s.L = query.size(2), s.d = query.size(3);
   s.H_kv = bits.size(1), s.N = bits.size(2), s.G = bits.size(3), s.m = bits.size(4) * 8;

@@ -413,18 +413,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& bits
   QJL_CHECK_SAME_DEVICE(query, value_scales);
   QJL_CHECK_SAME_DEVICE(query, value_mins);
   QJL_CHECK_SAME_DEVICE(query, value_window);
-  QJL_CHECK_DIM(query, 4);
-  QJL_CHECK_DIM(bits, 5);
-  QJL_CHECK_DIM(outlier_bits, 5);
-  QJL_CHECK_DIM(inlier_norms, 4);
-  QJL_CHECK_DIM(outlier_norms, 4);
-  QJL_CHECK_DIM(outlier_indices, 4);
-  QJL_CHECK_DIM(projection, 2);
-  QJL_CHECK_DIM(residual_keys, 4);
-  QJL_CHECK_DIM(value_codes, 4);
-  QJL_CHECK_DIM(value_scales, 4);
-  QJL_CHECK_DIM(value_mins, 4);
-  QJL_CHECK_DIM(value_window, 4);
   const Fp query_kind = fp_kind(query, "query");
   const Fp inlier_kind = fp_kind(inlier_norms, "inlier_norms");
   const Fp outlier_kind = fp_kind(outlier_norms, "outlier_norms");
@@ -432,12 +420,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& bits
   const Fp scale_kind = fp_kind(value_scales, "value_scales");
   const Fp min_kind = fp_kind(value_mins, "value_mins");
   const Fp window_kind = fp_kind(value_window, "value_window");
-  TORCH_CHECK(projection.is_floating_point(), "projection must be a float tensor, got ", projection.scalar_type());
-  QJL_CHECK_DTYPE(bits, at::kByte);
-  QJL_CHECK_DTYPE(outlier_bits, at::kByte);
-  QJL_CHECK_DTYPE(outlier_indices, at::kByte);
-  QJL_CHECK_DTYPE(value_codes, at::kInt);
-  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
 
   const DecodeShape shape = check_decode_shapes(query, bits, outlier_bits, inlier_norms, outlier_norms,
                                                 outlier_indices, projection, residual_keys, value_codes,

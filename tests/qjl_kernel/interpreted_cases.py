@@ -73,3 +73,18 @@ def child_results(test_file: str, cases: dict, request, tmp_path_factory) -> dic
     report = json.loads(out.read_text())
     print(f"interpreted Triton cases of {this.name}: {len(selected)} in {report['seconds']:.1f} s")
     return report["results"]
+
+
+def case_error(cases: dict, key: str, interpreted_results: dict | None) -> str | None:
+    """Case ``key``'s error (None: it passed), from the child's results, or run here when this
+    process already interprets (``interpreted_results`` None)."""
+    return run_cases(cases, [key])[key] if interpreted_results is None else interpreted_results[key]
+
+
+def triton_mark():
+    """The skip mark of the tests that need an importable Triton (pytest is imported here, on use:
+    the interpreted child needs no pytest)."""
+    import pytest
+
+    return pytest.mark.skipif(triton_ops.TRITON_ERROR is not None,
+                              reason=f"triton is not importable: {triton_ops.TRITON_ERROR}")

@@ -31,7 +31,7 @@ import torch
 import qjl_kernel
 from qjl_kernel import QuantizedKeys, reference, triton_decode, triton_ops
 from qjl_kernel import ops as qjl_ops
-from interpreted_cases import child_main, child_results, run_cases
+from interpreted_cases import case_error, child_main, child_results, triton_mark
 from op_oracles import generator, narrowed
 
 
@@ -203,18 +203,13 @@ def _refuse(*args, **kwargs):
 CASES = {name: (check_decode, (spec,)) for name, spec in CASES_SPEC.items()}
 
 
-def _run_cases(keys) -> dict[str, str | None]:
-    return run_cases(CASES, keys)
-
-
 if __name__ == "__main__":  # the interpreted child: OUT.json KEY...
     child_main(CASES, sys.argv[1:])
 
 
 import pytest  # noqa: E402  (the child above needs no pytest)
 
-needs_triton = pytest.mark.skipif(triton_ops.TRITON_ERROR is not None,
-                                  reason=f"triton is not importable: {triton_ops.TRITON_ERROR}")
+needs_triton = triton_mark()
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +222,7 @@ def interpreted_results(request, tmp_path_factory):
 @needs_triton
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_interpreted_triton_decode_matches_reference(key, interpreted_results):
-    if interpreted_results is None:
-        error = _run_cases([key])[key]
-    else:
-        error = interpreted_results[key]
+    error = case_error(CASES, key, interpreted_results)
     assert error is None, error
 
 

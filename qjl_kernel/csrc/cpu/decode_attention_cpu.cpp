@@ -23,9 +23,6 @@
 #include "decode_kernel.h"
 
 #define QJL_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
-#define QJL_CHECK_DTYPE(x, dt) \
-  TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
-#define QJL_CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have rank " #n ", got shape ", (x).sizes())
 #define QJL_CHECK_FLOAT(x)                                                                                        \
   TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                             \
                   (x).scalar_type() == at::kBFloat16,                                                            \
@@ -138,18 +135,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
     TORCH_CHECK(t->device().is_cpu(), "decode_attention (CPU kernel): every tensor must be on the CPU, got ",
                 t->device());
   }
-  QJL_CHECK_DIM(query, 4);
-  QJL_CHECK_DIM(bits, 5);
-  QJL_CHECK_DIM(outlier_bits, 5);
-  QJL_CHECK_DIM(inlier_norms, 4);
-  QJL_CHECK_DIM(outlier_norms, 4);
-  QJL_CHECK_DIM(outlier_indices, 4);
-  QJL_CHECK_DIM(projection, 2);
-  QJL_CHECK_DIM(residual_keys, 4);
-  QJL_CHECK_DIM(value_codes, 4);
-  QJL_CHECK_DIM(value_scales, 4);
-  QJL_CHECK_DIM(value_mins, 4);
-  QJL_CHECK_DIM(value_window, 4);
   QJL_CHECK_FLOAT(query);
   QJL_CHECK_FLOAT(inlier_norms);
   QJL_CHECK_FLOAT(outlier_norms);
@@ -157,12 +142,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& bits,
   QJL_CHECK_FLOAT(value_scales);
   QJL_CHECK_FLOAT(value_mins);
   QJL_CHECK_FLOAT(value_window);
-  TORCH_CHECK(projection.is_floating_point(), "projection must be a float tensor, got ", projection.scalar_type());
-  QJL_CHECK_DTYPE(bits, at::kByte);
-  QJL_CHECK_DTYPE(outlier_bits, at::kByte);
-  QJL_CHECK_DTYPE(outlier_indices, at::kByte);
-  QJL_CHECK_DTYPE(value_codes, at::kInt);
-  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value_bits must be 2 or 4, got ", value_bits);
 
   const DecodeShape shape = check_decode_shapes(query, bits, outlier_bits, inlier_norms, outlier_norms,
                                                 outlier_indices, projection, residual_keys, value_codes,
