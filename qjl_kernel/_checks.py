@@ -157,7 +157,7 @@ def quantized_keys(keys, dim: int) -> None:
 
 def quantized_values(values, rank: int | None = 4) -> None:
     """A :class:`QuantizedValues` of ``[B, H_kv, T, d]`` (any rank when ``rank`` is None): types,
-    bits, group size and ranks."""
+    bits, group size, ranks, and scales / mins of one entry per token and channel group."""
     if not isinstance(values, QuantizedValues):
         raise TypeError(f"values must be a QuantizedValues, got {type(values).__name__}")
     value_bits(values.bits, "values.bits")
@@ -165,6 +165,13 @@ def quantized_values(values, rank: int | None = 4) -> None:
     floating("values.scales", values.scales, rank=rank)
     floating("values.mins", values.mins, rank=rank)
     group_size_divides(values.group_size, values.head_dim, "values.group_size")
+    groups = tuple(values.codes.shape[:-1]) + (values.head_dim // values.group_size,)
+    if tuple(values.scales.shape) != groups or tuple(values.mins.shape) != groups:
+        raise ValueError(
+            f"values.scales / values.mins must be {groups} (one per token and group of {values.group_size} of the "
+            f"{values.head_dim} channels that {values.bits}-bit codes {tuple(values.codes.shape)} hold), got "
+            f"{tuple(values.scales.shape)} / {tuple(values.mins.shape)}"
+        )
 
 
 def key_scores_args(query, keys, proj) -> None:
@@ -209,12 +216,6 @@ def value_matmul_args(weights, values) -> None:
     quantized_values(values)
     same_device(weights=weights, codes=values.codes)
     batch, kv_heads, tokens = values.codes.shape[:3]
-    groups = values.head_dim // values.group_size
-    if values.scales.shape != (batch, kv_heads, tokens, groups) or values.mins.shape != values.scales.shape:
-        raise ValueError(
-            f"values.scales / values.mins must be {(batch, kv_heads, tokens, groups)}, "
-            f"got {tuple(values.scales.shape)} / {tuple(values.mins.shape)}"
-        )
     if weights.shape[0] != batch or weights.shape[-1] != tokens:
         raise ValueError(
             f"weights must be [B={batch}, H_q, L, T={tokens}] to match values, got {tuple(weights.shape)}"
@@ -256,9 +257,6 @@ def decode_attention_args(query, keys, proj, residual_keys, values, value_window
             raise ValueError(
                 f"values must hold [B={batch}, H_kv={kv_heads}, T_q, d={dim}], got codes {tuple(values.codes.shape)}"
             )
-        groups = (batch, kv_heads, values.num_tokens, dim // values.group_size)
-        if tuple(values.scales.shape) != groups or tuple(values.mins.shape) != groups:
-            raise ValueError(f"values.scales / values.mins must be {groups}")
         quantized = values.num_tokens
     tokens = committed + residual_keys.shape[2]
     if quantized + value_window.shape[2] != tokens:

@@ -140,6 +140,27 @@ def test_value_states_with_bad_layout_are_refused(changes, match):
         qjl_kernel.decode_attention(*_decode_args(values=q))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        # one scale per token where the codes' 64 channels hold two groups of 32 (broadcast silently)
+        lambda q: QuantizedValues(q.codes, q.scales[..., :1], q.mins[..., :1], 2, 32),
+        # group_size 64 on codes quantized in groups of 32 (read as 128 channels before)
+        lambda q: q._replace(group_size=64),
+        # a 4-bit label on 2-bit codes (32 channels, one group, but two scales per token)
+        lambda q: q._replace(bits=4),
+    ],
+)
+def test_value_states_whose_scales_do_not_fit_the_codes_are_refused(make):
+    """Scales and mins must hold one entry per token and channel group of the codes, for every op
+    that reads a QuantizedValues (dequantize_values broadcast them and returned wrong values)."""
+    bad = make(qjl_kernel.quantize_values(torch.randn(1, 2, 5, D), 32, 2))
+    with pytest.raises(ValueError, match="values.scales / values.mins must be"):
+        qjl_kernel.dequantize_values(bad)
+    with pytest.raises(ValueError, match="values.scales / values.mins must be"):
+        qjl_kernel.value_matmul(torch.randn(1, 2, 1, 5), bad)
+
+
 def _decode_args(d=D, keys=None, projection=None, values=None):
     """decode_attention arguments: 16 committed QJL keys (``keys`` / ``projection`` replace them) + 1
     residual key; 5 4-bit quantized values (``values`` replaces them) + 12 window values; B = 1, 2 KV heads."""
