@@ -25,6 +25,7 @@ can be removed again (:meth:`CompressedLayer.crop`, used by assisted / speculati
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from transformers import Cache, PreTrainedConfig
@@ -49,6 +50,15 @@ KIVI_BITS = (2, 4)  # bits of KIVI keys and values
 
 # What a compressed layer knows about padding when no forward pre-hook showed it the mask.
 NOT_OBSERVED = object()
+
+MULTI_TOKEN_STEP_WARNING = (
+    "a multi-token step (chunked prefill, assisted or speculative verification) through a compressed "
+    "cache under an attention function other than '" + ATTN_IMPLEMENTATION + "': every row of the step "
+    "sees the keys and values as its first row does (transformers' attention functions take one key and "
+    "value tensor for all rows), so rows that complete a key block or push a value out of the exact window "
+    "differ from feeding the tokens one by one. Load the model with attn_implementation='" + ATTN_IMPLEMENTATION
+    + "' (after `import models`) for the row-by-row rule"
+)
 
 
 class CompressedStateMisuse(AttributeError, TypeError):
@@ -176,9 +186,20 @@ class CompressedLayer(CacheLayerMixin):
             handle = CompressedState(self)
             return handle, handle
         # The step's first row sees keys below floor((start + 1) / B) * B compressed (exact for
-        # one-token steps; the prompt step is exact).
+        # one-token steps; the prompt step is exact); later rows get the same tensors.
         buffer = self.key_store.buffer_size
+        if start and self._later_rows_see_more_compressed(start, key_states.shape[2]):
+            warnings.warn(MULTI_TOKEN_STEP_WARNING, UserWarning, stacklevel=2)
         return self.dense_keys(((start + 1) // buffer) * buffer if start else 0), self.dense_values()
+
+    def _later_rows_see_more_compressed(self, start: int, length: int) -> bool:
+        """Whether a row after the first of a step of ``length`` tokens from position ``start`` (already
+        appended) sees keys or values compressed that the first row sees exact: a row completes a key
+        block, or the window holds a value that a later row sees quantized (as :meth:`_attend_fused`)."""
+        buffer = self.key_store.buffer_size
+        keys_differ = (start + length) // buffer > (start + 1) // buffer
+        values = self.value_store
+        return keys_differ or (values.bits != 16 and values.num_window - 1 > values.buffer_size)
 
     def _observed_validity(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
         """bool ``[B, L]``: which of the step's new tokens are real, under an attention function
