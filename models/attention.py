@@ -9,6 +9,8 @@ asks for a logit softcap (Gemma2) or attention sinks (GPT-OSS), which SDPA lacks
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -39,6 +41,14 @@ def qjl_attention_forward(
         raise NotImplementedError(f"the {ATTN_IMPLEMENTATION!r} attention does not support position_bias")
     if dropout:
         raise NotImplementedError("compressed caches are for inference; attention dropout must be 0")
+    if kwargs.get("output_attentions", False):
+        warnings.warn(
+            f"the {ATTN_IMPLEMENTATION!r} attention computes the step's attention inside the compressed cache and "
+            f"returns no attention weights: output_attentions=True gives none (load the model with "
+            f"attn_implementation='eager' and an exact cache to get them)",
+            UserWarning,
+            stacklevel=2,
+        )
     return key.layer.attend(module, query, attention_mask, scaling, **kwargs), None
 
 

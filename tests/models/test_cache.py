@@ -230,6 +230,18 @@ def test_multi_token_steps_under_another_attention_warn(make_cache):
         step_logits(model, make_cache(model.config, config), ids, [40, 40])
 
 
+def test_output_attentions_under_the_qjl_attention_warns():
+    # The "qjl" attention returns no weights; transformers' output then held none without a word.
+    model = tiny_model()
+    cache = models.QJLCache(model.config, sketch_config(128, value_bits=2, buffer_size=32))
+    ids = tokens(1, 41)
+    kwargs = models.cache_kwargs(model, cache)
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], use_cache=True, **kwargs)
+        with pytest.warns(UserWarning, match="returns no attention weights"):
+            model(input_ids=ids[:, 40:], use_cache=True, output_attentions=True, **kwargs)
+
+
 def test_handle_under_another_attention_is_a_clear_error():
     model = tiny_model()
     config_says_qjl = model.config
