@@ -117,8 +117,11 @@ class QJLConfig:
     def scaled_to_layers(self, num_layers: int, reference_layers: int = 32) -> "QJLConfig":
         """This configuration for a model of ``num_layers`` layers, keeping the share of layers with
         the initial-layer budget (the paper's 15 of Llama-2's 32 becomes 14 of SmolLM2's 30)."""
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        for name, value in (("num_layers", num_layers), ("reference_layers", reference_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive number of layers, got {value}")
         count = round(self.initial_layers_count * num_layers / reference_layers)
         return dataclasses.replace(self, initial_layers_count=min(count, num_layers))
 

@@ -65,6 +65,10 @@ def prefilled_cache(
     serve every method: this loads its keys and values into the state the prompt step leaves
     (compressed caches commit them at the start of the next update). The caller decodes from the
     prompt's next token on. ``prompt`` is only read (batch without padding)."""
+    if not isinstance(prompt, Cache):
+        raise TypeError(f"prompt must be the transformers Cache of the prefill, got {type(prompt).__name__}")
+    if prompt.get_seq_length() == 0:
+        raise ValueError("the prompt cache holds no tokens: run the prefill with it before building caches from it")
     cache = make_cache(method, model_config, qjl_config)
     for idx, layer in enumerate(prompt.layers):
         cache.update(layer.keys, layer.values, idx)
@@ -74,6 +78,8 @@ def prefilled_cache(
 def memory_report(cache: Cache) -> MemoryReport:
     """Measured :class:`MemoryReport` of any cache made by :func:`make_cache`. For caches of
     transformers (exact, quanto) it counts the full-precision tensors they expose."""
+    if not isinstance(cache, Cache):
+        raise TypeError(f"memory_report takes a transformers Cache (models.make_cache), got {type(cache).__name__}")
     if hasattr(cache, "memory_report"):
         return cache.memory_report()
     nbytes = fp16 = 0

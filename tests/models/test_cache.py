@@ -444,3 +444,15 @@ def test_handle_answers_attribute_probes():
         handle.shape
     with pytest.raises(AttributeError):
         handle.dtype
+
+
+def test_factory_refuses_what_is_not_a_filled_cache():
+    # prefilled_cache from an empty prompt cache failed on `None.shape` inside update; memory_report(None)
+    # was an AttributeError.
+    model = tiny_model()
+    with pytest.raises(ValueError, match="the prompt cache holds no tokens"):
+        models.prefilled_cache("qjl", model.config, models.QJLConfig(), exact_cache(model))
+    with pytest.raises(TypeError, match="prompt must be the transformers Cache"):
+        models.prefilled_cache("qjl", model.config, models.QJLConfig(), None)
+    with pytest.raises(TypeError, match="memory_report takes a transformers Cache"):
+        models.memory_report(None)

@@ -107,3 +107,18 @@ def test_preset_with_a_float_is_an_error(tmp_path):
     path.write_text('{"value_quantization_bits": 2.0}')
     with pytest.raises(TypeError, match="value_quantization_bits"):
         QJLConfig.from_json(path)
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((30, 0), ValueError, "reference_layers must be a positive number of layers, got 0"),  # was ZeroDivisionError
+        ((30, -32), ValueError, "reference_layers must be a positive"),  # was a message about initial_layers_count
+        ((True,), TypeError, "num_layers must be an int, got bool"),  # was 1 layer
+        ((30, 32.0), TypeError, "reference_layers must be an int, got float"),
+        ((0,), ValueError, "num_layers must be a positive"),
+    ],
+)
+def test_scaled_to_layers_checks_its_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        QJLConfig().scaled_to_layers(*args)
