@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 
-def _int_at_least(least: int, what: str) -> Callable[[str], int]:
+def _int_in(least: int, what: str, below: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < least:
+        if value < least or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
 
@@ -28,8 +28,11 @@ def _int_at_least(least: int, what: str) -> Callable[[str], int]:
 
 
 # argparse types: a command-line 0 is refused with a usage error, never replaced by a default
-positive_int = _int_at_least(1, "a positive integer")
-non_negative_int = _int_at_least(0, "a non-negative integer")
+positive_int = _int_in(1, "a positive integer")
+non_negative_int = _int_in(0, "a non-negative integer")
+# a torch seed (torch.Generator.manual_seed): a 64-bit integer, negative ones included, as they work
+# (a larger one was an "Overflow when unpacking long long" traceback from deep inside the run)
+seed_int = _int_in(-(2**63), "an integer in [-2**63, 2**63)", below=2**63)
 
 
 def check_output_paths(directory: str | Path, names=()) -> None:

@@ -55,6 +55,8 @@ OFFLINE_SEED = 0
 OFFLINE_METHODS = ("exact", "qjl", "qjl@1024", "kivi")
 OFFLINE_DATASETS = ("stdlib_niah", "stdlib_niah_multikey")
 OFFLINE_OUTPUT = ROOT / "results" / "offline"
+DEFAULT_METHOD = "qjl"  # what --method and --dataset_name default to (the offline default gives its own)
+DEFAULT_DATASETS = "all"
 PAPER_INITIAL_LAYER_SHARE = 15 / 32  # the paper: the first 15 of Llama-2's 32 layers get 512-bit sketches
 
 
@@ -65,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in QJL_FLAGS:
         p.add_argument(f"--{flag}", type=int, default=None, help="QJLConfig field (default: preset / paper value)")
     p.add_argument("--qjl_config", help="QJLConfig preset json (e.g. config/qjl_paper_llama2.json); flags override")
-    p.add_argument("--method", nargs="+", default=["qjl"],
-                   help=f"one or more of {', '.join(METHODS)}; qjl@<bits> sets QJL's sketch size (e.g. qjl@1024)")
-    p.add_argument("--dataset_name", nargs="+", default=["all"], help="'all', names, or comma-separated lists")
+    # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one);
+    # the defaults are filled in by parse_args, since extend would add to a default list
+    p.add_argument("--method", nargs="+", action="extend",
+                   help=f"one or more of {', '.join(METHODS)}; qjl@<bits> sets QJL's sketch size (e.g. qjl@1024); "
+                   f"default: {DEFAULT_METHOD}")
+    p.add_argument("--dataset_name", nargs="+", action="extend",
+                   help=f"'all', names, or comma-separated lists (default: {DEFAULT_DATASETS})")
     p.add_argument("--n_data", type=int, default=None, help="first N examples of each dataset (default: all)")
     p.add_argument("--longbench_e", action="store_true", help="LongBench-E (scores per length bucket)")
     p.add_argument("--data_dir", help="directory of LongBench jsonl files (<dataset>.jsonl / <dataset>_e.jsonl)")
@@ -88,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv or offline_default_argv())
     if not args.model_name:
         parser.error("--model_name is required (e.g. longchat-v1.5-7b-32k or a local model directory)")
+    args.method = args.method or [DEFAULT_METHOD]
+    args.dataset_name = args.dataset_name or [DEFAULT_DATASETS]
     args.method = [m for item in args.method for m in item.split(",") if m]
     if not args.method:
         parser.error("--method names no method")

@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (exact attention, not scored)")
     p.add_argument("--chunk", type=int, default=128, help="tokens per step after the prompt")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--methods", nargs="+", action="extend",  # a repeated flag adds to the list
                    help="configuration names or patterns (e.g. exact qjl-paper 'kivi-*'); default: the whole sweep")
     p.add_argument("--output", default="results/perplexity", help="directory of perplexity.json / .png")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG (matplotlib not needed)")
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(e))
     if not args.no_figure:
         require_matplotlib()  # before the long sweep, not after it
-    from models.pretrained import load_causal_lm
+    from models.pretrained import load_causal_lm, load_tokenizer
 
     try:  # before loading the model (names do not depend on its depth)
         select(default_sweep(32), args.methods)
@@ -484,10 +484,14 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         parser.error(f"argument --output: {e}")
 
-    model, tokenizer = load_causal_lm(args.model, DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.model)
+    try:  # the text before the model: a --tokens beyond it is a usage error, not a traceback minutes in
+        ids = text_ids(tokenizer, args.tokens)
+    except ValueError as e:
+        parser.error(f"argument --tokens: {e}")
+    model, _ = load_causal_lm(args.model, DTYPES[args.dtype], tokenizer=tokenizer)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     configs = select(default_sweep(num_layers), args.methods)
-    ids = text_ids(tokenizer, args.tokens)
     settings.update(ids_sha256=ids_digest(ids), num_layers=num_layers)
     try:  # the settings that need the model (other text, other depth), before any configuration runs
         check_stored_configs(load_results(path, settings), configs, path)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cli_io import interruptible, require_output_paths
+from cli_io import interruptible, require_output_paths, seed_int
 from figures import format_table, non_negative_int, plot_panels, positive_int, write_json
 from models import QJLSketch
 from models.config import MAX_HEAD_DIM
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
                              "code's plot on real text through a pretrained model")
     parser.add_argument("--model", help="ours: local causal LM directory; original: 'smollm2' (default) or a path")
     parser.add_argument("--source", choices=("synthetic", "model"), help="ours only; default: model if --model")
-    parser.add_argument("--layers", type=non_negative_int, nargs="+",
+    parser.add_argument("--layers", type=non_negative_int, nargs="+", action="extend",  # a repeated flag adds
                         help="ours: layers to average (default: all); original: layers to plot (default: the "
                              "original's 0 1 2 4 8 16 31 mapped to the model's depth)")
     parser.add_argument("--tokens", type=positive_int, help="tokens of keys per layer (default: 1024 ours, 2048 "
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
                         help="original: the last tokens %% buffer_size keys stay exact")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="original: keys and queries are rounded to it (the original's bfloat16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="seeds the keys, queries and sketches (64-bit)")
     parser.add_argument("--output_dir", default="results/distortion")
     args = parser.parse_args(argv)
     if args.tokens is None:

@@ -38,6 +38,7 @@ from cli_io import interruptible, require_output_paths, write_json_atomic
 from figures import DeviceTimer, format_table, median, plot_panels, positive_int
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_METHODS = ("exact", "qjl", "kivi")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_LEN = 131072  # the longest sweep offered (the paper's, 2^17); the model has positions for 2^18
 PRESETS = {
@@ -70,10 +71,15 @@ VARIANTS = {
 }
 
 
+def model_config(preset: str, num_layers: int) -> LlamaConfig:
+    """The preset's shapes with ``num_layers`` decoder layers."""
+    return LlamaConfig(**PRESETS[preset]["model"], num_hidden_layers=num_layers, max_position_embeddings=1 << 18,
+                       tie_word_embeddings=False)
+
+
 def build_model(preset: str, num_layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
     """A random-weight Llama with the preset's shapes and ``num_layers`` layers, "qjl" attention."""
-    config = LlamaConfig(**PRESETS[preset]["model"], num_hidden_layers=num_layers, max_position_embeddings=1 << 18,
-                         tie_word_embeddings=False)
+    config = model_config(preset, num_layers)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -179,6 +185,19 @@ def load_qjl_config(path: str | Path, head_dim: int) -> models.QJLConfig:
     return config
 
 
+def unusable_methods(methods, preset: str, num_layers: int, qjl_config: models.QJLConfig) -> list[str]:
+    """``"<method>: <why>"`` for each of ``methods`` whose cache cannot be built for the preset's model
+    with ``qjl_config`` (a missing backend, KIVI without 2- or 4-bit values, ...). Building the
+    caches, empty, takes milliseconds: the sweep's model and warm-ups come after this check."""
+    config, unusable = model_config(preset, num_layers), []
+    for method in methods:
+        try:
+            models.make_cache(method, config, qjl_config)
+        except (ValueError, ImportError) as e:
+            unusable.append(f"{method}: {e}")
+    return unusable
+
+
 def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048, variants: dict = VARIANTS,
                default_variant: tuple[str, str] = ("original", "original"), output_prefix: str | None = None):
     """Arguments shared with plot_memory_peak.py; defaults depend on the device.
@@ -193,7 +212,9 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
                         for name, v in variants.items())
     parser.add_argument("--variant", choices=sorted(variants),
                         help=f"{implied} (default: {default_variant[0]} on CPU, {default_variant[1]} on GPU)")
-    parser.add_argument("--methods", nargs="+", default=["exact", "qjl", "kivi"], choices=models.METHODS)
+    # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one)
+    parser.add_argument("--methods", nargs="+", action="extend", choices=models.METHODS,
+                        help=f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--num_layers", type=positive_int, help="decoder layers (default: the variant's)")
     parser.add_argument("--min_len", type=positive_int, help="default: 256 on CPU, 512 on GPU")
     parser.add_argument("--max_len", type=positive_int,
@@ -208,8 +229,9 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     # Fill only what was not given (None): a given value, 0 included, is the user's.
-    defaults = dict(preset="llama3-8b" if gpu else "tiny", variant=default_variant[int(gpu)],
-                    min_len=512 if gpu else 256, max_len=65536 if gpu else cpu_max_len, repeats=10 if gpu else 3)
+    defaults = dict(methods=list(DEFAULT_METHODS), preset="llama3-8b" if gpu else "tiny",
+                    variant=default_variant[int(gpu)], min_len=512 if gpu else 256,
+                    max_len=65536 if gpu else cpu_max_len, repeats=10 if gpu else 3)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -227,9 +249,12 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
         parser.error("--num_layers, --repeats and --new_tokens must be positive")
     args.methods = list(dict.fromkeys(args.methods))  # a method given twice is measured once
     try:
-        load_qjl_config(args.qjl_config, PRESETS[args.preset]["model"]["head_dim"])
+        qjl_config = load_qjl_config(args.qjl_config, PRESETS[args.preset]["model"]["head_dim"])
     except ValueError as e:
         parser.error(f"argument --qjl_config: {e}")
+    if unusable := unusable_methods(args.methods, args.preset, args.num_layers, qjl_config):
+        parser.error(f"argument --methods: cannot run on preset {args.preset} with --qjl_config {args.qjl_config}: "
+                     f"{'; '.join(unusable)}")
     names = [f"{output_prefix}_{args.preset}{suffix}" for suffix in (".json", ".png")] if output_prefix else []
     require_output_paths(parser, "--output_dir", args.output_dir, names)
     return args

@@ -13,6 +13,9 @@ real pretrained model (SmolLM2-135M-Instruct, ``models/pretrained.py``).
 - ``stdlib_niah_multikey``: RULER's ``niah_multikey_1``: four such needles with distinct words; the
   question asks for one of them, so the model must match the word, not just find a number.
 
+The needle tasks need contexts at least twice as long as their needle lines can be (``min_chars``:
+482 characters for the multikey task), so that at least half of the context is code.
+
 Records carry LongBench's fields (``input``, ``context``, ``answers``, ``length`` = words of the
 context, ``all_classes``, ``dataset``, ``_id``) plus ``source`` (file and line the text starts
 at). The needle tasks' ``input`` ends with RULER's answer prefix, so they are completion prompts
@@ -49,6 +52,8 @@ NEEDLE_KEYS = (
     "cobalt", "dragon", "garnet", "helmet", "igloo", "jigsaw", "kayak", "ladder", "magnet", "napkin",
 )  # fmt: skip
 MULTIKEY_NEEDLES = 4
+NEEDLES = {"stdlib_lcc": 0, "stdlib_niah": 1, "stdlib_niah_multikey": MULTIKEY_NEEDLES}  # needle lines per example
+NEEDLE_VALUES = (1_000_000, 10_000_000)  # the numbers: 7 digits, drawn from [low, high)
 # code_sim_score compares the answer with the first prediction line holding none of these, so an
 # answer holding one could never be matched: such cuts are skipped.
 _LCC_SKIPPED = ("#", "`", "//")
@@ -110,14 +115,46 @@ def make_lcc_example(rng: np.random.Generator, chars: int) -> dict:
     raise ValueError(f"found no code line to complete after {chars} characters of a standard-library file")
 
 
+def needle_chars(needles: int) -> int:
+    """The most characters ``needles`` needle lines can take, newlines included (the longest keys)."""
+    value = "9" * len(str(NEEDLE_VALUES[1] - 1))
+    lengths = sorted((len(_NEEDLE.format(key=key, value=value)) + 1 for key in NEEDLE_KEYS), reverse=True)
+    return sum(lengths[:needles])
+
+
+def haystack_least(needles: int) -> int:
+    """The smallest context for ``needles`` needle lines: room for code at least as long as the
+    needles can be, so that needles fill at most half of it (and the context never exceeds its size)."""
+    return 2 * needle_chars(needles)
+
+
+def min_chars(task: str) -> int:
+    """The smallest context ``task`` is made at: :data:`MIN_CHARS`, or :func:`haystack_least` of its needles."""
+    return max(MIN_CHARS, haystack_least(NEEDLES[task]))
+
+
+def check_chars(task: str, chars: Sequence[int]) -> None:
+    """ValueError unless every size in ``chars`` is at least ``min_chars(task)``."""
+    least, size = min_chars(task), min(chars)
+    if size < least:
+        needles, why = NEEDLES[task], ""
+        if needles and least > MIN_CHARS:
+            why = f": its {needles} needle lines take up to {needle_chars(needles)}, the haystack at least as many"
+        raise ValueError(f"length {size} is too short for task {task!r} (needs at least {least} characters{why})")
+
+
 def make_niah_example(rng: np.random.Generator, chars: int, needles: int = 1) -> dict:
     """``chars`` characters of standard-library code from a random line on (across files, in
-    name order, wrapping around) with ``needles`` needle lines at random line boundaries."""
+    name order, wrapping around) with ``needles`` needle lines at random line boundaries; ``chars``
+    must leave the haystack as many characters as the needles can take."""
     if not 1 <= needles <= len(NEEDLE_KEYS):
         raise ValueError(f"needles must be in 1..{len(NEEDLE_KEYS)}, got {needles}")
+    if chars < haystack_least(needles):
+        raise ValueError(f"{needles} needle(s) need a context of at least {haystack_least(needles)} characters "
+                         f"(at most half of it needles), got {chars}")
     lines, owners = _haystack()
     keys = [str(k) for k in rng.choice(NEEDLE_KEYS, needles, replace=False)]
-    values = [str(v) for v in rng.choice(np.arange(1_000_000, 10_000_000), needles, replace=False)]
+    values = [str(v) for v in rng.choice(np.arange(*NEEDLE_VALUES), needles, replace=False)]
     needle_lines = [_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
     budget = chars - sum(len(n) + 1 for n in needle_lines)
     start = int(rng.integers(len(lines)))
@@ -153,6 +190,7 @@ def generate(task: str, n: int, chars: Sequence[int] = DEFAULT_CHARS, seed: int 
         raise ValueError(f"n must be positive, got {n}")
     if not chars or min(chars) < MIN_CHARS:
         raise ValueError(f"chars must be non-empty and at least {MIN_CHARS} each, got {list(chars)}")
+    check_chars(task, chars)
     records = []
     for i in range(n):
         size = int(chars[i % len(chars)])
@@ -191,14 +229,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/stdlib")
     p.add_argument("--n", type=positive_int, default=20, help="examples per task (context sizes cycle over --chars)")
-    p.add_argument("--chars", type=positive_int, nargs="+", default=list(DEFAULT_CHARS),
-                   help=f"context sizes in characters (at least {MIN_CHARS})")
+    # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one)
+    p.add_argument("--chars", type=positive_int, nargs="+", action="extend",
+                   help=f"context sizes in characters (default: {' '.join(map(str, DEFAULT_CHARS))}; at least "
+                        f"{MIN_CHARS}, {min_chars('stdlib_niah_multikey')} for stdlib_niah_multikey)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", action="extend", choices=TASKS, help="default: all of them")
     args = p.parse_args(argv)
+    args.chars = args.chars or list(DEFAULT_CHARS)
     if min(args.chars) < MIN_CHARS:
         p.error(f"argument --chars: must be at least {MIN_CHARS} characters each, got {min(args.chars)}")
-    tasks = list(dict.fromkeys(args.tasks))
+    tasks = list(dict.fromkeys(args.tasks or TASKS))
+    for task in tasks:
+        try:
+            check_chars(task, args.chars)
+        except ValueError as e:
+            p.error(f"argument --chars: {e}")
     require_output_paths(p, "--out_dir", args.out_dir, [f"{task}.jsonl" for task in tasks])
     try:  # every task before writing any: a size no file can serve writes nothing
         records = {task: generate(task, args.n, args.chars, args.seed) for task in tasks}

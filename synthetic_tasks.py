@@ -191,12 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="data/synthetic")
     p.add_argument("--n", type=positive_int, default=50, help="examples per task (lengths cycle over --lengths)")
-    p.add_argument("--lengths", type=positive_int, nargs="+", default=list(DEFAULT_LENGTHS),
-                   help="prompt lengths in tokens")
+    # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one)
+    p.add_argument("--lengths", type=positive_int, nargs="+", action="extend",
+                   help=f"prompt lengths in tokens (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", action="extend", choices=TASKS, help="default: all of them")
     args = p.parse_args(argv)
-    tasks = list(dict.fromkeys(args.tasks))
+    args.lengths = args.lengths or list(DEFAULT_LENGTHS)
+    tasks = list(dict.fromkeys(args.tasks or TASKS))
     require_output_paths(p, "--out_dir", args.out_dir, [f"{task}.jsonl" for task in tasks])
     try:  # every task before writing any: a length too short for a task's prompt writes nothing
         records = {task: generate(task, args.n, args.lengths, args.seed) for task in tasks}

@@ -9,7 +9,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tables
+from metrics import classification_score
+
+from . import scoring, tables
 
 HF_DATASET = "THUDM/LongBench"
 HF_DATA_ZIP = "data.zip"  # the official archive: data/<dataset>.jsonl and data/<dataset>_e.jsonl
@@ -119,16 +121,42 @@ ROW_SCHEMA = {
 }
 
 
-def check_row(row: dict, where: str) -> None:
-    """ValueError naming ``where`` (``file:line``) when ``row`` is not a LongBench row."""
+# metrics that read the class names of a row (``all_classes`` keyword): for a dataset scored by
+# one, a row without them would crash the scoring after generation, so they are required
+CLASS_METRICS = (classification_score,)
+
+
+def _metric(dataset: str):
+    """The metric :func:`scoring.score_prediction` scores ``dataset`` with (None for an unknown name)."""
+    return scoring.DATASET_TO_METRIC.get(dataset) or scoring.SYNTHETIC_METRICS.get(dataset)
+
+
+def needs_classes(dataset: str) -> bool:
+    """Whether ``dataset``'s metric matches predictions against the row's ``all_classes``."""
+    return _metric(dataset) in CLASS_METRICS
+
+
+def _shown(value) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def check_row(row: dict, where: str, dataset: str | None = None) -> None:
+    """ValueError naming ``where`` (``file:line``) when ``row`` is not a LongBench row (of
+    ``dataset``: a classification dataset's rows need their class names in ``all_classes``)."""
     missing = [field for field in REQUIRED_FIELDS if field not in row]
     if missing:
         raise ValueError(f"{where}: row lacks LongBench field(s) {missing}")
     for field, (ok, what) in ROW_SCHEMA.items():
         if field in row and not (field == "_id" and row[field] is None) and not ok(row[field]):
-            shown = repr(row[field])
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise ValueError(f"{where}: field {field!r} must be {what}, got {type(row[field]).__name__} {shown}")
+            raise ValueError(f"{where}: field {field!r} must be {what}, got {_shown(row[field])}")
+    if dataset is not None and needs_classes(dataset):
+        classes = row.get("all_classes")
+        if not (_is_str_list(classes) and classes):
+            got = _shown(classes) if "all_classes" in row else "no such field"
+            raise ValueError(f"{where}: field 'all_classes' must be a non-empty list of strings for {dataset} (its "
+                             f"metric, {_metric(dataset).__name__}, looks for the class names in the prediction), "
+                             f"got {got}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +208,7 @@ def load_data(
     examples = []
     lines_of: dict[str, list[int]] = {}
     for index, (number, row) in enumerate(rows):
-        check_row(row, f"{source}:{number}")
+        check_row(row, f"{source}:{number}", dataset)
         example = dict(row)
         example["index"] = index
         if example.get("_id") is None:

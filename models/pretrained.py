@@ -44,18 +44,31 @@ def smollm2_gguf() -> Path:
     )
 
 
-def load_causal_lm(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, attn_implementation: str = "qjl"):
+def _source(name_or_path: str) -> tuple[str, dict]:
+    """``(path, from_pretrained kwargs)`` of a model name: ``"smollm2"`` is the wheel's GGUF file."""
+    if name_or_path != SMOLLM2:
+        return name_or_path, {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"reading the SmolLM2 GGUF file needs the gguf package: run `{SMOLLM2_INSTALL}`")
+    gguf = smollm2_gguf()
+    return str(gguf.parent), {"gguf_file": gguf.name}
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2):
+    """The tokenizer :func:`load_causal_lm` pairs with the model, alone (seconds, not the model's
+    load): for work that needs the token count before the model."""
+    path, kwargs = _source(name_or_path)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_causal_lm(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, attn_implementation: str = "qjl",
+                   tokenizer=None):
     """``(model, tokenizer)`` for a transformers causal-LM path or hub name, or ``"smollm2"`` for the
     offline SmolLM2-135M-Instruct. The model is in eval mode with the given attention implementation
-    (``"qjl"`` runs every cache of this project; ``import models`` registers it)."""
-    kwargs = {}
-    if name_or_path == SMOLLM2:
-        if importlib.util.find_spec("gguf") is None:
-            raise ModuleNotFoundError(f"reading the SmolLM2 GGUF file needs the gguf package: run `{SMOLLM2_INSTALL}`")
-        gguf = smollm2_gguf()
-        name_or_path, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
+    (``"qjl"`` runs every cache of this project; ``import models`` registers it). A ``tokenizer``
+    already loaded with :func:`load_tokenizer` is returned instead of loading it again."""
+    path, kwargs = _source(name_or_path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval(), tokenizer

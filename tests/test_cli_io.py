@@ -32,6 +32,23 @@ def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"a": [1, 2]}  # the old file, whole
 
 
+def test_seed_int_takes_what_torch_seeds_with(capsys):
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=cli_io.seed_int)
+    for seed in (0, -1, -(2**63), 2**63 - 1):
+        assert parser.parse_args(["--seed", str(seed)]).seed == seed
+        torch.Generator().manual_seed(seed)  # what the scripts do with it
+    for text in ("99999999999999999999", str(2**63), str(-(2**63) - 1), "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seed", text])
+        shown = repr(text) if text == "x" else text
+        assert f"argument --seed: must be an integer in [-2**63, 2**63), got {shown}" in capsys.readouterr().err
+
+
 def test_check_output_paths_refuses_what_cannot_be_written(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a directory"):

@@ -313,8 +313,36 @@ def test_cli_checks_the_output_before_loading_a_model(tmp_path, capsys, monkeypa
         assert exit_info.value.code == 2
         assert f"argument --output: {message}" in capsys.readouterr().err
     assert target.read_text() == "mine" and corrupt.read_text() == '{"settings": {'  # left alone
+    monkeypatch.setattr(models.pretrained, "load_tokenizer", lambda name: ManyTokens())  # checked before the model
     with pytest.raises(pytest.fail.Exception, match="model loaded"):  # the same settings: resumed, so it loads
         P.main(["--output", str(tmp_path / "other"), "--no-figure"])
+
+
+class ManyTokens:  # a tokenizer that yields 10**6 tokens for any text
+    def __call__(self, text, **kwargs):
+        return type("Encoding", (), {"input_ids": torch.zeros(1, 10**6, dtype=torch.long)})()
+
+
+@pytest.mark.skipif(not (TINYLM / "config.json").exists(), reason="the embedded tinylm/model is missing")
+def test_cli_refuses_more_tokens_than_the_text_has_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    # it was a ValueError traceback after the model loaded (and the whole standard library was tokenized)
+    import models.pretrained
+
+    monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(P, "stdlib_text", lambda min_chars: "def f(x):\n    return x + 1\n" * 20)  # a short text
+    with pytest.raises(SystemExit) as exit_info:
+        P.main(["--model", str(TINYLM), "--tokens", "100000000", "--methods", "exact", "--output", str(tmp_path / "o"),
+                "--no-figure"])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --tokens: the standard-library text has only \d+ tokens with this tokenizer, fewer "
+                     r"than --tokens 100000000", capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_repeated_methods_add_up():
+    args = P.build_parser().parse_args(["--methods", "exact", "--methods", "kivi-*", "qjl-paper"])
+    assert args.methods == ["exact", "kivi-*", "qjl-paper"]
+    assert P.build_parser().parse_args([]).methods is None  # the whole sweep
 
 
 @pytest.mark.skipif(not (TINYLM / "config.json").exists(), reason="the embedded tinylm/model is missing")

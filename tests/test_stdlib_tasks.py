@@ -135,3 +135,33 @@ def test_cli_checks_out_dir_before_generating(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     assert f"argument --out_dir: {target} exists and is not a directory" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_needle_tasks_refuse_contexts_their_needles_would_fill(tmp_path, capsys):
+    # four needle lines take up to 241 characters: at --chars 200 the context was the needles alone,
+    # longer than asked, with no haystack
+    with pytest.raises(SystemExit) as exit_info:  # before generating or writing anything
+        stdlib_tasks.main(["--out_dir", str(tmp_path / "out"), "--n", "1", "--chars", "200",
+                           "--tasks", "stdlib_lcc", "stdlib_niah_multikey"])
+    assert exit_info.value.code == 2
+    needles = stdlib_tasks.needle_chars(stdlib_tasks.MULTIKEY_NEEDLES)
+    least = stdlib_tasks.min_chars("stdlib_niah_multikey")
+    assert f"argument --chars: length 200 is too short for task 'stdlib_niah_multikey' (needs at least {least} " \
+           f"characters: its 4 needle lines take up to {needles}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert needles == 4 * 53 + len("umbrella") + 3 * 7 and least == 2 * needles
+    assert stdlib_tasks.min_chars("stdlib_niah") == stdlib_tasks.min_chars("stdlib_lcc") == stdlib_tasks.MIN_CHARS
+    with pytest.raises(ValueError, match=r"length 200 is too short for task 'stdlib_niah_multikey'"):
+        stdlib_tasks.generate("stdlib_niah_multikey", 1, [1000, 200])
+    for r in stdlib_tasks.generate("stdlib_niah_multikey", 8, [least], seed=0):  # the least: code around the needles
+        assert least - 200 <= len(r["context"]) <= least
+        assert [line for line in r["context"].split("\n") if "special magic number" not in line]
+
+
+def test_cli_repeated_list_flags_add_up(tmp_path):
+    # nargs="+" alone keeps only the last --tasks / --chars given
+    stdlib_tasks.main(["--out_dir", str(tmp_path), "--n", "2", "--chars", "1000", "--chars", "1500",
+                       "--tasks", "stdlib_niah", "--tasks", "stdlib_niah_multikey", "stdlib_niah"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stdlib_niah.jsonl", "stdlib_niah_multikey.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "stdlib_niah.jsonl").read_text().splitlines()]
+    assert rows == stdlib_tasks.generate("stdlib_niah", 2, [1000, 1500], seed=0)

@@ -80,14 +80,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", default=str(MODEL_DIR))
     p.add_argument("--n", type=int, default=16, help="examples per task and length")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(synthetic_tasks.DEFAULT_LENGTHS))
+    # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one)
+    p.add_argument("--lengths", type=int, nargs="+", action="extend",
+                   help=f"default: {' '.join(map(str, synthetic_tasks.DEFAULT_LENGTHS))}")
     p.add_argument("--seed", type=int, default=0, help="generator seed of the held-out examples")
-    p.add_argument("--tasks", nargs="+", default=list(synthetic_tasks.TASKS), choices=synthetic_tasks.TASKS)
-    p.add_argument("--methods", nargs="+", default=["exact", "qjl", "kivi"],
-                   help="exact, qjl, kivi, or qjl-m<bits> (needs --sketch_bits)")
-    p.add_argument("--sketch_bits", type=int, nargs="*", default=[], help="also run qjl-m<bits> for these m")
+    p.add_argument("--tasks", nargs="+", action="extend", choices=synthetic_tasks.TASKS, help="default: all of them")
+    p.add_argument("--methods", nargs="+", action="extend",
+                   help="exact, qjl, kivi, or qjl-m<bits> (needs --sketch_bits); default: exact qjl kivi")
+    p.add_argument("--sketch_bits", type=int, nargs="*", action="extend", help="also run qjl-m<bits> for these m")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    args.lengths = args.lengths or list(synthetic_tasks.DEFAULT_LENGTHS)
+    args.tasks = list(dict.fromkeys(args.tasks or synthetic_tasks.TASKS))
+    args.methods = args.methods or ["exact", "qjl", "kivi"]
+    args.sketch_bits = args.sketch_bits or []
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model_dir)
     configs = method_configs(model.config.num_hidden_layers, args.sketch_bits)

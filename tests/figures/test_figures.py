@@ -361,6 +361,62 @@ def test_runtime_refuses_a_bad_qjl_config_naming_the_file(content, problem, tmp_
         assert f"argument --qjl_config: {path}" in err and problem in err
 
 
+def test_methods_that_cannot_run_are_usage_errors_before_the_model(tmp_path, capsys, monkeypatch):
+    # they were tracebacks from make_cache after the model was built and the other methods warmed up
+    monkeypatch.setattr(plot_runtime, "build_model", lambda *a, **k: pytest.fail("model built before the check"))
+    monkeypatch.setattr(models.factory, "quanto_available", lambda: False)
+    exact_values = tmp_path / "v16.json"
+    exact_values.write_text('{"value_quantization_bits": 16}')
+    for argv, message in (
+        (["--methods", "exact", "quanto"], "quanto: method 'quanto' needs optimum-quanto: pip install optimum-quanto"),
+        (["--qjl_config", str(exact_values), "--methods", "exact", "qjl", "kivi"],
+         f"--qjl_config {exact_values}: kivi: method 'kivi' quantizes keys and values to 2 or 4 bits, got 16"),
+    ):
+        for main in (plot_runtime.main, plot_memory_peak.main):
+            with pytest.raises(SystemExit) as exit_info:
+                main([*SHORT_SWEEP, *argv, "--output_dir", str(tmp_path / "out")])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert "argument --methods: cannot run on preset tiny with --qjl_config " in err and message in err
+    assert not (tmp_path / "out").exists()
+    args = plot_runtime.parse_args(["--device", "cpu", "--qjl_config", str(exact_values), "--methods", "exact", "qjl"])
+    assert args.methods == ["exact", "qjl"]  # QJL keeps exact values
+
+
+def test_repeated_list_flags_add_up(small_models, tmp_path, capsys, monkeypatch):
+    # nargs="+" alone kept only the last flag: --methods exact --methods kivi measured kivi only
+    args = plot_runtime.parse_args(["--device", "cpu", "--methods", "exact", "--methods", "kivi", "exact"])
+    assert args.methods == ["exact", "kivi"]
+    assert plot_runtime.parse_args(["--device", "cpu"]).methods == ["exact", "qjl", "kivi"]
+    assert plot_memory_peak.parse_args(["--device", "cpu", "--methods", "qjl", "--methods", "exact"]).methods == [
+        "qjl", "exact"]
+    import models.capture
+
+    monkeypatch.setattr(models.capture, "capture_queries_keys", lambda *a, **k: pytest.fail("model ran"))
+    with pytest.raises(SystemExit) as exit_info:  # --layers 7 is kept, and checked against the model
+        plot_distortion.main(["--model", str(small_models["d64"]), "--tokens", "64", "--layers", "7", "--layers", "0",
+                              "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --layers: [7] not in the model's 2 layers (0..1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63), str(-(2**63) - 1)])
+def test_distortion_seed_out_of_torch_range_is_a_usage_error(seed, tmp_path, capsys, monkeypatch):
+    # 10**20 was an "Overflow when unpacking long long" traceback from the key generator
+    monkeypatch.setattr(plot_distortion, "synthetic_heads", lambda *a, **k: pytest.fail("keys made before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        plot_distortion.main(["--seed", seed, "--tokens", "64", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"argument --seed: must be an integer in [-2**63, 2**63), got {seed}" in capsys.readouterr().err
+
+
+def test_distortion_takes_negative_and_64_bit_seeds():
+    # torch.Generator.manual_seed takes [-2**63, 2**64): a negative --seed worked and still does
+    for seed in (-1, -(2**63), 2**63 - 1):  # the queries use seed + 1
+        heads = plot_distortion.synthetic_heads(32, 16, 2, seed)
+        plot_distortion.layer_errors(*heads[0], 16, 2, 8, seed, 2)
+
+
 def test_runtime_max_len_is_bounded_as_the_help_says(capsys):
     assert plot_runtime.parse_args(["--device", "cpu", "--max_len", "131072"]).max_len == plot_runtime.MAX_LEN == 131072
     with pytest.raises(SystemExit) as exit_info:

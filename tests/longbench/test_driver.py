@@ -70,6 +70,17 @@ def test_qjl_flags_override_preset():
     assert args.method == ["exact", "qjl", "kivi"]
 
 
+def test_repeated_list_flags_add_up_in_order_once_each():
+    # nargs="+" alone kept only the last flag: --method exact --method kivi ran kivi only
+    args = longbench.parse_args(["--model_name", "m", "--method", "exact", "--method", "kivi,exact", "qjl",
+                                 "--dataset_name", "qasper", "--dataset_name", "trec", "qasper"])
+    assert args.method == ["exact", "kivi", "qjl"]
+    assert longbench.tables.select_datasets(args.dataset_name, False) == ["qasper", "trec"]
+    defaults = longbench.parse_args(["--model_name", "m"])
+    assert defaults.method == ["qjl"] and defaults.dataset_name == ["all"]
+    assert longbench.parse_args(["--model_name", "m", "--method", "exact"]).method == ["exact"]  # replaces the default
+
+
 def test_models_load_with_the_qjl_attention():
     from transformers import AttentionInterface
 
@@ -195,7 +206,7 @@ def test_offline_default_runs_every_method(monkeypatch, tiny_model_dir, tmp_path
     # through one shared prefill, a table with every method's score, bits and peak bytes.
     monkeypatch.setattr(longbench, "OFFLINE_MODEL", tiny_model_dir)
     monkeypatch.setattr(longbench, "OFFLINE_EXAMPLES", 2)
-    monkeypatch.setattr(longbench, "OFFLINE_CHARS", (400,))
+    monkeypatch.setattr(longbench, "OFFLINE_CHARS", (500,))  # stdlib_niah_multikey needs 482
     monkeypatch.setattr(longbench, "OFFLINE_DATA", tmp_path / "data")
     monkeypatch.setattr(longbench, "OFFLINE_OUTPUT", tmp_path / "out")
     assert longbench.main([]) == 0
@@ -277,6 +288,13 @@ def _duplicate_ids(data_dir):
     _write_rows(data_dir / "qasper.jsonl", rows)
 
 
+def _trec_without_classes(data_dir):
+    write_longbench_data(data_dir, {"trec": 2})
+    rows = [json.loads(line) for line in (data_dir / "trec.jsonl").read_text().splitlines()]
+    rows[1]["all_classes"] = None  # classification_score crashed on it after generating
+    _write_rows(data_dir / "trec.jsonl", rows)
+
+
 # (name, extra arguments, what to do to the data directory, what the error must say)
 SETUP_ERRORS = [
     ("missing model directory", ["--model_name", "{tmp}/no_such_model"], None,
@@ -294,6 +312,8 @@ SETUP_ERRORS = [
      "{tmp}/data/qasper.jsonl:2: field 'answers' must be a list of strings"),
     ("duplicate _id", [], _duplicate_ids,
      "{tmp}/data/qasper.jsonl: 1 duplicate _id(s) (_id 'qasper-000' on lines 1, 2)"),
+    ("trec row without class names", ["--dataset_name", "trec"], _trec_without_classes,
+     "{tmp}/data/trec.jsonl:2: field 'all_classes' must be a non-empty list of strings for trec"),
 ]  # fmt: skip
 
 

@@ -157,6 +157,31 @@ def test_rows_are_checked_with_file_and_line(tmp_path):
         data.load_examples("qasper", data_dir=tmp_path)
 
 
+def test_classification_rows_need_their_class_names(tmp_path):
+    # trec / lsht score with classification_score, which reads all_classes: a row with null or no
+    # all_classes passed the checks and crashed the scoring after generation (and on every resume)
+    for longbench_e in (False, True):
+        directory = write_longbench_data(tmp_path / f"e{longbench_e}", {"trec": 3}, longbench_e=longbench_e)
+        path = directory / ("trec_e.jsonl" if longbench_e else "trec.jsonl")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for value, got in ((None, "NoneType None"), ([], "list []"), ("missing", "no such field")):
+            changed = [dict(r) for r in rows]
+            if value == "missing":
+                del changed[2]["all_classes"]
+            else:
+                changed[2]["all_classes"] = value
+            path.write_text("".join(json.dumps(r) + "\n" for r in changed))
+            with pytest.raises(ValueError) as error:  # every row is checked, not only the first
+                data.load_examples("trec", longbench_e=longbench_e, data_dir=directory, n_data=1)
+            assert str(error.value) == (f"{path}:3: field 'all_classes' must be a non-empty list of strings for trec "
+                                        f"(its metric, classification_score, looks for the class names in the "
+                                        f"prediction), got {got}")
+    qasper = tmp_path / "qasper.jsonl"  # other datasets: all_classes stays optional
+    qasper.write_text("".join(json.dumps(r) + "\n" for r in _rows(2)))
+    assert [e["all_classes"] for e in data.load_examples("qasper", data_dir=tmp_path)] == [None, None]
+    assert data.needs_classes("trec") and data.needs_classes("lsht") and not data.needs_classes("qasper")
+
+
 def test_duplicate_ids_are_refused_with_their_lines(tmp_path):
     path = tmp_path / "qasper.jsonl"
     rows = _rows(4, _id=lambda i: f"id{i % 2}")

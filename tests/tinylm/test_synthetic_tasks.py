@@ -142,3 +142,13 @@ def test_cli_checks_out_dir_before_generating(tmp_path, capsys, monkeypatch):
         synthetic_tasks.main(["--out_dir", str(tmp_path / "out")])
     assert f"argument --out_dir: {tmp_path / 'out' / 'passkey.jsonl'} is a directory" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_cli_repeated_list_flags_add_up(tmp_path):
+    # nargs="+" alone kept only the last flag: --tasks passkey --tasks kv_retrieval wrote kv_retrieval only
+    tasks = list(synthetic_tasks.TASKS)[:2]
+    synthetic_tasks.main(["--out_dir", str(tmp_path), "--n", "2", "--lengths", "512", "--lengths", "640",
+                          "--tasks", tasks[0], "--tasks", tasks[1]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{task}.jsonl" for task in tasks)
+    lengths = [json.loads(line)["length"] for line in (tmp_path / f"{tasks[0]}.jsonl").read_text().splitlines()]
+    assert len(set(lengths)) == 2  # one example per given length
