@@ -112,13 +112,16 @@ def text_model_heads(name: str, tokens: int, layers: list[int] | None):
     ``tokens`` tokens of the standard library's sources; ``(records by layer, number of layers)``.
     Without ``layers``: the original's layers, mapped to the model's depth."""
     from models.capture import capture_queries_keys
-    from models.pretrained import load_causal_lm
+    from models.pretrained import load_causal_lm, load_tokenizer
     from real_text import stdlib_text
 
-    model, tokenizer = load_causal_lm(name, attn_implementation="sdpa")
+    tokenizer = load_tokenizer(name)  # the text before the model: too many --tokens is a usage error
     ids = tokenizer(stdlib_text(8 * tokens), return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
-        raise ValueError(f"the standard library's sources gave only {ids.shape[1]} tokens, fewer than {tokens}")
+        raise ArgumentProblem(
+            f"argument --tokens: the standard library's sources gave only {ids.shape[1]} tokens, fewer than {tokens}"
+        )
+    model, _ = load_causal_lm(name, attn_implementation="sdpa", tokenizer=tokenizer)
     num_layers = model.config.num_hidden_layers
     check_model_fits(model.config, layers, None)
     records = capture_queries_keys(model, ids)

@@ -486,6 +486,7 @@ def test_distortion_original_variant_checks_the_layers_before_running_the_model(
     def tokenizer(text, return_tensors):
         return type("Encoding", (), {"input_ids": torch.zeros(1, 300, dtype=torch.long)})()
 
+    monkeypatch.setattr(models.pretrained, "load_tokenizer", lambda name: tokenizer)
     monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: (LlamaForCausalLM(config), tokenizer))
     monkeypatch.setattr(models.capture, "capture_queries_keys",
                         lambda *a, **k: pytest.fail("model ran before the check"))
@@ -494,6 +495,22 @@ def test_distortion_original_variant_checks_the_layers_before_running_the_model(
                               "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "argument --layers: [5] not in the model's 3 layers (0..2)" in capsys.readouterr().err
+
+
+def test_distortion_original_variant_checks_the_token_count_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    # more --tokens than the text has was a ValueError traceback after the model loaded
+    import models.pretrained
+
+    def tokenizer(text, return_tensors):
+        return type("Encoding", (), {"input_ids": torch.zeros(1, 300, dtype=torch.long)})()
+
+    monkeypatch.setattr(models.pretrained, "load_tokenizer", lambda name: tokenizer)
+    monkeypatch.setattr(models.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        plot_distortion.main(["--variant", "original", "--tokens", "400", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --tokens: the standard library's sources gave only 300 tokens, fewer than 400" in (
+        capsys.readouterr().err)
 
 
 def test_distortion_checks_the_output_dir_first(tmp_path, capsys, monkeypatch):
