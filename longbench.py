@@ -262,8 +262,17 @@ def finalize(directory: Path, examples: list[dict], dataset: str, method: str, r
     return result
 
 
+def recorded_model_path(path: str) -> str:
+    """The model path a run's settings record: a local model by its absolute path (two different
+    models given by the same relative path from two directories are not one model, and the same
+    model given relatively and absolutely is), a hub id as it is."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def format_table(results: dict, datasets: list[str], methods: list[str], skipped: dict[str, str]) -> str:
-    """Datasets x methods scores, then each method's KV bits/channel and peak cache MiB."""
+    """Datasets x methods scores, then each method's KV bits/channel and peak cache MiB. LongBench-E
+    cells hold one score per length bucket, joined by "/" in the buckets' order (named above the table)."""
 
     def cell(value) -> str:
         if isinstance(value, dict):
@@ -271,11 +280,8 @@ def format_table(results: dict, datasets: list[str], methods: list[str], skipped
         return f"{value:.2f}"
 
     columns = methods + list(skipped)
-    width = max([14, *(len(c) + 2 for c in columns)])
-    rows = [f"{'dataset':<22}" + "".join(f"{c:>{width}}" for c in columns)]
-    for dataset in datasets:
-        cells = [cell(results[(m, dataset)]["score"]) for m in methods] + ["skipped"] * len(skipped)
-        rows.append(f"{dataset:<22}" + "".join(f"{c:>{width}}" for c in cells))
+    body = [(dataset, [cell(results[(m, dataset)]["score"]) for m in methods] + ["skipped"] * len(skipped))
+            for dataset in datasets]
     for label, key, fmt in (
         ("KV bits/channel", "bits_per_channel", "{:.2f}"),
         ("peak KV MiB", "peak_nbytes", "{:.3f}"),
@@ -284,7 +290,15 @@ def format_table(results: dict, datasets: list[str], methods: list[str], skipped
         for m in methods:
             kv = max((results[(m, d)]["kv_cache"] for d in datasets), key=lambda k: k["peak_nbytes"])
             cells.append(fmt.format(kv[key] / 2**20 if key == "peak_nbytes" else kv[key]))
-        rows.append(f"{label:<22}" + "".join(f"{c:>{width}}" for c in cells + ["-"] * len(skipped)))
+        body.append((label, cells + ["-"] * len(skipped)))
+    # every column as wide as its widest entry, two spaces apart (LongBench-E cells are the widest)
+    width = max([14, *(len(c) + 2 for c in columns), *(len(c) + 2 for _, cells in body for c in cells)])
+    rows = []
+    buckets = {tuple(s) for s in (r["score"] for r in results.values()) if isinstance(s, dict)}
+    if buckets:
+        rows.append("scores per length bucket: " + " | ".join("/".join(b) for b in sorted(buckets)))
+    rows.append(f"{'dataset':<22}" + "".join(f"{c:>{width}}" for c in columns))
+    rows += [f"{label:<22}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in body]
     rows += [f"skipped {m}: {why}" for m, why in skipped.items()]
     return "\n".join(rows)
 
@@ -368,6 +382,8 @@ def prepare(args: argparse.Namespace, ctx: distributed.DistContext, locks: conte
         spec, lb.model2maxlen, getattr(model.config, "max_position_embeddings", None), args.max_length
     )
     chat_format = prompting.resolve_chat_format(args.chat_format, tokenizer, spec.names)
+    for dataset in datasets:  # generation stops at these: a model without any is refused now, not mid-run
+        prompting.stop_token_ids(tokenizer, model.generation_config, dataset)
     tokenizer_kind = tokenization.tokenizer_kind(tokenizer)  # what was loaded: slow falls back to fast
     # Every method's cache is built once for this model before the first generation: a missing
     # backend skips the method, a configuration the model cannot take (head_dim, group size) stops
@@ -406,7 +422,7 @@ def prepare(args: argparse.Namespace, ctx: distributed.DistContext, locks: conte
         for dataset in datasets:
             directory = directories[(method, dataset)]
             settings = {
-                "model_path": spec.path, "dtype": args.dtype, "method": method, "max_length": max_length,
+                "model_path": recorded_model_path(spec.path), "dtype": args.dtype, "method": method, "max_length": max_length,
                 "max_new_tokens": max_new[dataset], "chat_format": chat_format, "tokenizer": tokenizer_kind,
                 "prompt_format": lb.dataset2prompt[dataset],
                 "qjl_config": None if method == "exact" else method_config(method, qjl_config)[1].to_dict(),

@@ -120,15 +120,25 @@ def count_score(prediction: str, ground_truth, **kwargs) -> float:
     return _number_match_score(prediction, str(ground_truth))
 
 
+# The paragraph id a passage_retrieval answer names (the metrics read the first match).
+PARAGRAPH_EN = re.compile(r"Paragraph (\d+)")
+PARAGRAPH_ZH = re.compile(r"段落(\d+)")
+
+
 def retrieval_score(prediction: str, ground_truth: str, **kwargs) -> float:
     """passage_retrieval_en: fraction of the numbers in the prediction equal to the paragraph id
     of the answer ("Paragraph N")."""
-    return _number_match_score(prediction, re.findall(r"Paragraph (\d+)", ground_truth)[0])
+    return _number_match_score(prediction, PARAGRAPH_EN.findall(ground_truth)[0])
 
 
 def retrieval_zh_score(prediction: str, ground_truth: str, **kwargs) -> float:
     """passage_retrieval_zh: as retrieval_score with answers "段落N"."""
-    return _number_match_score(prediction, re.findall(r"段落(\d+)", ground_truth)[0])
+    return _number_match_score(prediction, PARAGRAPH_ZH.findall(ground_truth)[0])
+
+
+# What every answer of a dataset scored by these metrics must contain (data.check_row refuses others:
+# the metric would fail on them after generation).
+ANSWER_PATTERNS = {retrieval_score: PARAGRAPH_EN, retrieval_zh_score: PARAGRAPH_ZH}
 
 
 def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:

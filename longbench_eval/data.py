@@ -9,7 +9,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from metrics import classification_score
+from metrics import ANSWER_PATTERNS, classification_score
 
 from . import scoring, tables
 
@@ -143,7 +143,8 @@ def _shown(value) -> str:
 
 def check_row(row: dict, where: str, dataset: str | None = None) -> None:
     """ValueError naming ``where`` (``file:line``) when ``row`` is not a LongBench row (of
-    ``dataset``: a classification dataset's rows need their class names in ``all_classes``)."""
+    ``dataset``: a classification dataset's rows need their class names in ``all_classes``, a
+    passage_retrieval dataset's answers the paragraph they name, as the metrics read them)."""
     missing = [field for field in REQUIRED_FIELDS if field not in row]
     if missing:
         raise ValueError(f"{where}: row lacks LongBench field(s) {missing}")
@@ -157,6 +158,12 @@ def check_row(row: dict, where: str, dataset: str | None = None) -> None:
             raise ValueError(f"{where}: field 'all_classes' must be a non-empty list of strings for {dataset} (its "
                              f"metric, {_metric(dataset).__name__}, looks for the class names in the prediction), "
                              f"got {got}")
+    pattern = ANSWER_PATTERNS.get(_metric(dataset)) if dataset is not None else None
+    if pattern is not None:
+        for answer in row["answers"]:
+            if not pattern.search(answer):
+                raise ValueError(f"{where}: every answer of {dataset} must contain {pattern.pattern!r} (its metric, "
+                                 f"{_metric(dataset).__name__}, reads what it scores from that), got {answer!r}")
 
 
 @dataclass(frozen=True)

@@ -368,3 +368,53 @@ def test_offline_default_model_name_is_checked_not_taken_for_a_path(monkeypatch)
     monkeypatch.setattr(generation, "smollm2_gguf", lambda: (_ for _ in ()).throw(ModuleNotFoundError("no wheel")))
     with pytest.raises(ValueError, match="model 'smollm2': no wheel"):
         generation.check_model_source(SMOLLM2)
+
+
+def test_score_table_keeps_longbench_e_columns_apart():
+    # LongBench-E cells (one score per length bucket) are wider than the method names: they ran together
+    # ("100.00/66.67/-100.00/66.67/-") because the column width came from the names only
+    kv = {"bits_per_channel": 5.0, "peak_nbytes": 2**20}
+    buckets = {"0-4k": 100.0, "4-8k": 66.67, "8k+": None}
+    methods = ["exact", "qjl", "kivi"]
+    results = {(m, "trec"): {"score": buckets, "kv_cache": kv} for m in methods}
+    table = longbench.format_table(results, ["trec"], methods, {}).splitlines()
+    assert table[0] == "scores per length bucket: 0-4k/4-8k/8k+"
+    assert table[2].split() == ["trec"] + ["100.00/66.67/-"] * 3
+    assert "  100.00/66.67/-  100.00" in table[2]
+    plain = {(m, "trec"): {"score": 50.0, "kv_cache": kv} for m in methods}
+    assert longbench.format_table(plain, ["trec"], methods, {}).splitlines()[1] == (
+        f"{'trec':<22}" + "".join(f"{'50.00':>14}" for _ in methods))
+
+
+def test_settings_record_a_local_model_by_its_absolute_path(tmp_path, monkeypatch):
+    # The path was recorded as typed: two different models given as "model" from two directories
+    # resumed into one output directory (predictions of both scored as one model), and the same model
+    # given relatively then absolutely was refused.
+    for name in ("a", "b"):
+        (tmp_path / name / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    from_a = longbench.recorded_model_path("model")
+    assert from_a == str((tmp_path / "a" / "model").resolve()) == longbench.recorded_model_path(str(tmp_path / "a" / "model"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert longbench.recorded_model_path("model") != from_a
+    assert longbench.recorded_model_path("lmsys/longchat-7b-v1.5-32k") == "lmsys/longchat-7b-v1.5-32k"  # a hub id
+
+
+def test_a_model_without_eos_token_stops_before_generating(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # It was a traceback from predict() after the model loaded and settings were written.
+    load = generation.load_model_and_tokenizer
+
+    def without_eos(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        model.generation_config.eos_token_id = None
+        tokenizer.eos_token = None
+        return model, tokenizer
+
+    data_dir = write_longbench_data(tmp_path / "data", {"qasper": 1})
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", without_eos)
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("generated"))
+    assert longbench.main(cli(tiny_model_dir, data_dir, tmp_path / "out", "--method", "exact",
+                              "--dataset_name", "qasper")) == 1
+    err = capsys.readouterr().err
+    assert "neither the model's generation config nor the tokenizer defines an eos token" in err
+    assert "Traceback" not in err

@@ -182,6 +182,23 @@ def test_classification_rows_need_their_class_names(tmp_path):
     assert data.needs_classes("trec") and data.needs_classes("lsht") and not data.needs_classes("qasper")
 
 
+@pytest.mark.parametrize("dataset,good,bad", [
+    ("passage_retrieval_en", "Paragraph 3", "paragraph 3"),
+    ("passage_retrieval_zh", "段落3", "第3段"),
+])  # fmt: skip
+def test_retrieval_answers_must_name_their_paragraph(tmp_path, dataset, good, bad):
+    # the retrieval metrics read the paragraph number from the answer: one without it passed the checks
+    # and failed the scoring with an IndexError after generation
+    rows = [dict(r, answers=[good]) for r in _rows(3)]
+    path = tmp_path / f"{dataset}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(data.load_examples(dataset, data_dir=tmp_path)) == 3
+    rows[1]["answers"] = [good, bad]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"{path}:2: every answer of {dataset} must contain .* got '{bad}'"):
+        data.load_examples(dataset, data_dir=tmp_path)
+
+
 def test_duplicate_ids_are_refused_with_their_lines(tmp_path):
     path = tmp_path / "qasper.jsonl"
     rows = _rows(4, _id=lambda i: f"id{i % 2}")
