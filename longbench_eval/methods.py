@@ -8,6 +8,7 @@ sketch sizes to show where accuracy recovers.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from models import METHODS, QJLConfig
 
@@ -19,8 +20,11 @@ def parse_method(name: str) -> tuple[str, int | None]:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or qjl@<sketch bits>)")
     if not sep:
         return base, None
-    if base != "qjl" or not size.isdigit() or int(size) <= 0 or int(size) % 8:
-        raise ValueError(f"method {name!r}: only qjl takes a sketch size, a positive multiple of 8 (e.g. qjl@1024)")
+    # ASCII digits without a leading zero: str.isdigit() takes "²" (then int() fails), and "08" would
+    # file the results of qjl@8 in a second directory
+    if base != "qjl" or not re.fullmatch(r"[1-9][0-9]*", size) or int(size) % 8:
+        raise ValueError(f"method {name!r}: only qjl takes a sketch size, a positive multiple of 8 written without "
+                         f"leading zeros (e.g. qjl@1024)")
     return base, int(size)
 
 

@@ -187,6 +187,10 @@ def test_method_with_sketch_size(tiny_model_dir, tmp_path):
     for bad in ("kivi@64", "qjl@100", "qjl@", "fp8"):
         with pytest.raises(ValueError):
             parse_method(bad)
+    # "²" passed str.isdigit() and failed in int(); "08" filed qjl@8's results in a second directory
+    for bad in ("qjl@²", "qjl@08", "qjl@0", "qjl@-8", "qjl@ 8"):
+        with pytest.raises(ValueError, match="a positive multiple of 8 written without leading zeros"):
+            parse_method(bad)
     base, config = method_config("qjl@64", models.QJLConfig())
     assert (config.key_quantization_bits, config.key_quantization_bits_initial_layers) == (64, 64)
     assert config.outlier_sketch_dim_general == 64 and config.outlier_sketch_dim_initial_layers == 64
