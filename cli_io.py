@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,29 @@ non_negative_int = _int_in(0, "a non-negative integer")
 # a torch seed (torch.Generator.manual_seed): a 64-bit integer, negative ones included, as they work
 # (a larger one was an "Overflow when unpacking long long" traceback from deep inside the run)
 seed_int = _int_in(-(2**63), "an integer in [-2**63, 2**63)", below=2**63)
+# a seed for both numpy (np.random.default_rng: non-negative only) and torch (at most 64 bits)
+numpy_torch_seed_int = _int_in(0, "an integer in [0, 2**64)", below=2**64)
+
+
+def _float_in(least: float, most: float | None, what: str, open_low: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        # NaN fails every comparison, so it is refused here too; so are the infinities
+        low_ok = value > least if open_low else value >= least
+        if not (math.isfinite(value) and low_ok and (most is None or value <= most)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+positive_float = _float_in(0.0, None, "a positive finite number", open_low=True)
+non_negative_float = _float_in(0.0, None, "a non-negative finite number")
+fraction_float = _float_in(0.0, 1.0, "a number in [0, 1]")
 
 
 def check_output_paths(directory: str | Path, names=()) -> None:

@@ -30,7 +30,6 @@ Prints a markdown table and writes the numbers to ``results/differences/differen
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the "qjl" attention function the loader asks for)
+from cli_io import non_negative_int, positive_int, require_output_paths, write_json_atomic  # noqa: E402
 from models.pretrained import SMOLLM2, SMOLLM2_NAME, load_causal_lm  # noqa: E402
 from models.sketch import QJLSketch, _projection_matrix  # noqa: E402
 from qjl_kernel.packing import unpack_codes  # noqa: E402
@@ -325,13 +325,16 @@ def table(res: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048, help="tokens of real text (a multiple of 32)")
-    p.add_argument("--softmax-rows", type=int, default=512, help="newest query rows whose softmax is compared")
-    p.add_argument("--generated", type=int, default=32768, help="decoded tokens for the Llama-3 value window")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens of real text (a multiple of 32)")
+    p.add_argument("--softmax-rows", type=positive_int, default=512, help="newest query rows whose softmax is compared")
+    p.add_argument("--generated", type=non_negative_int, default=32768,
+                   help="decoded tokens for the Llama-3 value window")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the numbers")
     args = p.parse_args(argv)
     if args.tokens % GROUP or not 0 < args.softmax_rows <= args.tokens:
         p.error(f"--tokens must be a multiple of {GROUP} and --softmax-rows in 1..tokens")
+    # before the model loads: a path that cannot be written lost the whole measurement at the end
+    require_output_paths(p, "--json", args.json.parent, [args.json.name])
 
     start = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -354,8 +357,7 @@ def main(argv=None) -> None:
           f"{info['kv_heads']} KV heads, d = {info['head_dim']}; {OUTLIERS} outliers per {GROUP}-token group\n")
     print(table(res))
     print(f"\nwall time {res['wall_s']:.0f} s ({res['capture_s']:.0f} s loading the model and capturing)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json_atomic(args.json, res)
     print(f"wrote {args.json}")
 
 

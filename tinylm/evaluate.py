@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import models
 import synthetic_tasks
+from cli_io import non_negative_int, positive_int
 from tinylm import MODEL_DIR
 
 
@@ -38,6 +39,21 @@ def method_configs(num_layers: int, sketch_bits=()) -> dict[str, tuple[str, mode
                                                         key_quantization_bits_initial_layers=m))
     configs["kivi"] = ("kivi", models.QJLConfig())
     return configs
+
+
+def sketch_bits_arg(text: str) -> int:
+    """argparse type of ``--sketch_bits``: an m that :func:`method_configs` can build (a multiple of 8
+    no smaller than the paper's outlier sketches, which qjl-m<bits> keeps); needs no model."""
+    m = positive_int(text)
+    try:
+        method_configs(1, [m])
+    except ValueError:
+        paper = models.QJLConfig()
+        least = max(paper.outlier_sketch_dim_general, paper.outlier_sketch_dim_initial_layers)
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of 8 of at least {least} (qjl-m<bits> keeps the paper's outlier sketches), got {m}"
+        ) from None
+    return m
 
 
 def load(model_dir=MODEL_DIR, attn_implementation: str = "qjl"):
@@ -79,32 +95,42 @@ def accuracy(model, tokenizer, records, method: str = "exact", qjl_config=None) 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", default=str(MODEL_DIR))
-    p.add_argument("--n", type=int, default=16, help="examples per task and length")
+    p.add_argument("--n", type=positive_int, default=16, help="examples per task and length")
     # action="extend": a repeated flag adds to the list (nargs="+" alone keeps only the last one)
-    p.add_argument("--lengths", type=int, nargs="+", action="extend",
-                   help=f"default: {' '.join(map(str, synthetic_tasks.DEFAULT_LENGTHS))}")
-    p.add_argument("--seed", type=int, default=0, help="generator seed of the held-out examples")
+    p.add_argument("--lengths", type=positive_int, nargs="+", action="extend",
+                   help=f"prompt lengths in tokens (default: {' '.join(map(str, synthetic_tasks.DEFAULT_LENGTHS))})")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="generator seed of the held-out examples")
     p.add_argument("--tasks", nargs="+", action="extend", choices=synthetic_tasks.TASKS, help="default: all of them")
     p.add_argument("--methods", nargs="+", action="extend",
                    help="exact, qjl, kivi, or qjl-m<bits> (needs --sketch_bits); default: exact qjl kivi")
-    p.add_argument("--sketch_bits", type=int, nargs="*", action="extend", help="also run qjl-m<bits> for these m")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sketch_bits", type=sketch_bits_arg, nargs="*", action="extend",
+                   help="also run qjl-m<bits> for these m")
+    p.add_argument("--threads", type=positive_int, default=1)
     args = p.parse_args(argv)
     args.lengths = args.lengths or list(synthetic_tasks.DEFAULT_LENGTHS)
     args.tasks = list(dict.fromkeys(args.tasks or synthetic_tasks.TASKS))
     args.methods = args.methods or ["exact", "qjl", "kivi"]
     args.sketch_bits = args.sketch_bits or []
+    # Everything the arguments decide is checked before the model loads: the labels (the layer
+    # count only sets initial_layers_count) and the examples (a length too short for a task).
+    known = method_configs(1, args.sketch_bits)
+    unknown = sorted(set(args.methods) - set(known))
+    if unknown:
+        p.error(f"argument --methods: unknown methods {unknown}; known: {sorted(known)} "
+                "(qjl-m<bits> needs --sketch_bits <bits>)")
+    try:
+        examples = {task: synthetic_tasks.generate(task, args.n * len(args.lengths), args.lengths, args.seed)
+                    for task in args.tasks}
+    except ValueError as e:
+        p.error(f"argument --lengths: {e}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model_dir)
     configs = method_configs(model.config.num_hidden_layers, args.sketch_bits)
     labels = [m for m in args.methods if m in configs] + [f"qjl-m{m}" for m in args.sketch_bits]
     labels = list(dict.fromkeys(labels))
-    unknown = sorted(set(args.methods) - set(configs))
-    if unknown:
-        p.error(f"unknown methods {unknown}; known: {sorted(configs)}")
     rows = {}
     for task in args.tasks:
-        records = synthetic_tasks.generate(task, args.n * len(args.lengths), args.lengths, args.seed)
+        records = examples[task]
         for length in args.lengths:
             subset = [r for r in records if r["_id"].endswith(f"L{length}")]
             for label in labels:

@@ -19,7 +19,8 @@ What makes a model this small learn retrieval in under an hour of CPU:
 
 Progress goes to stdout, ``<run_dir>/history.json`` (held-out greedy exact match, teacher
 forced, per task and length, with and without key noise) and ``<run_dir>/checkpoint.pt``
-(resumable with ``--resume``). With ``--export DIR`` the final model, tokenizer and generation
+(resumable with ``--resume``; without it, a ``run_dir`` that holds a run is refused rather than
+replaced). With ``--export DIR`` the final model, tokenizer and generation
 config are written to DIR (``from_pretrained``-loadable) and the curve to ``DIR/../training_curve.json``.
 """
 
@@ -39,6 +40,16 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import synthetic_tasks
+from cli_io import (
+    fraction_float,
+    non_negative_float,
+    non_negative_int,
+    numpy_torch_seed_int,
+    positive_float,
+    positive_int,
+    require_output_paths,
+    write_json_atomic,
+)
 from tinylm.tokenizer import WORD_START, build_tokenizer
 
 EVAL_LENGTHS = (512, 1024, 2048)
@@ -46,15 +57,37 @@ EVAL_SEED = 10_000  # training examples come from --seed streams, held-out ones 
 
 
 def parse_stages(text: str) -> list[tuple[float, int, int]]:
-    """``"0.15:80:256,0.2:128:768,..."`` -> cumulative ``(end_fraction, min_len, max_len)``."""
+    """``"0.15:80:256,0.2:128:768,..."`` -> cumulative ``(end_fraction, min_len, max_len)``;
+    ValueError saying what is wrong with ``text``."""
     stages, end = [], 0.0
     for item in text.split(","):
-        frac, lo, hi = item.split(":")
-        end += float(frac)
-        stages.append((end, int(lo), int(hi)))
+        try:
+            frac, lo, hi = item.split(":")
+            frac, lo, hi = float(frac), int(lo), int(hi)
+        except ValueError:
+            raise ValueError(f"each stage is fraction:min_len:max_len (e.g. 0.3:96:192), got {item!r}") from None
+        if not (math.isfinite(frac) and frac > 0) or not 0 < lo <= hi:
+            raise ValueError(f"stage {item!r} needs a fraction > 0 and lengths 0 < min_len <= max_len")
+        end += frac
+        stages.append((end, lo, hi))
     if abs(end - 1.0) > 1e-6:
-        raise ValueError(f"--stages fractions must sum to 1, got {end}")
+        raise ValueError(f"fractions must sum to 1, got {end:g}")
+    stages[-1] = (1.0, *stages[-1][1:])  # so that every step / steps < 1 finds its stage despite rounding
     return stages
+
+
+def stages_arg(text: str) -> str:
+    """argparse type of ``--stages``: :func:`parse_stages` accepts it and every stage's shortest
+    prompt fits each task's needles and question (a task's fixed part does not depend on the draw).
+    The text itself is kept, as args.json and the checkpoint record it."""
+    try:
+        tables = synthetic_tasks.load_table("dataset2prompt")
+        for lo in sorted({lo for _, lo, _ in parse_stages(text)}):
+            for task in synthetic_tasks.TASKS:
+                synthetic_tasks.make_example(task, np.random.default_rng(0), lo, tables[task])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def model_config(args, tokenizer) -> LlamaConfig:
@@ -229,37 +262,76 @@ def export(model, tokenizer, out_dir: Path, history: list, args) -> None:
     (out_dir.parent / "training_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
 
 
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def check_paths(p: argparse.ArgumentParser, args) -> None:
+    """Usage errors, before anything is built or written, for a run directory this invocation
+    would damage or cannot use and for an export it could not write."""
+    run_dir = Path(args.run_dir)
+    checkpoint = run_dir / "checkpoint.pt"
+    if args.export_only:
+        if not args.export:
+            p.error("--export_only needs --export DIR")
+        if not checkpoint.is_file():
+            p.error(f"argument --export_only: no checkpoint to export, {checkpoint} does not exist")
+    elif args.resume:
+        if not checkpoint.is_file():
+            p.error(f"argument --resume: no checkpoint to resume from, {checkpoint} does not exist; "
+                    "leave out --resume to start a new run")
+    else:
+        held = [name for name in ("checkpoint.pt", "history.json") if (run_dir / name).exists()]
+        held += sorted(path.name for path in run_dir.glob("checkpoint_*.pt"))
+        if held:
+            p.error(f"argument --run_dir: {run_dir} already holds a run ({', '.join(held)}), which a new run "
+                    "would replace; pass --resume to continue it, or choose another --run_dir (or delete this "
+                    "one) to start afresh")
+    if not args.export_only:
+        require_output_paths(p, "--run_dir", run_dir, ["checkpoint.pt", "checkpoint.tmp", "history.json", "args.json"])
+    if args.export:
+        export_dir = Path(args.export)
+        require_output_paths(p, "--export", export_dir, EXPORT_FILES)
+        require_output_paths(p, "--export", export_dir.parent, ["training_curve.json"])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run_dir", default="tinylm/runs/main", help="checkpoint, history (git-ignored)")
+    p.add_argument("--run_dir", default="tinylm/runs/main",
+                   help="checkpoint, history (git-ignored); a new run refuses one that holds a run (see --resume)")
     p.add_argument("--export", default=None, help="write the final model here (e.g. tinylm/model)")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint.pt")
     p.add_argument("--export_only", action="store_true", help="export <run_dir>/checkpoint.pt to --export, no training")
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv_heads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--tokens_per_step", type=int, default=3072)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--stages", default="0.3:96:192,0.2:160:640,0.2:384:1536,0.3:512:2300")
-    p.add_argument("--p_multikey", type=float, default=0.5, help="share of multikey examples")
-    p.add_argument("--key_noise", type=float, default=0.8, help="max relative key noise norm")
-    p.add_argument("--value_noise", type=float, default=0.4, help="max relative value noise norm")
-    p.add_argument("--noise_start", type=float, default=0.35, help="fraction of steps where noise begins")
-    p.add_argument("--noise_full", type=float, default=0.65, help="fraction of steps where noise is at its max")
-    p.add_argument("--exact_window", type=int, default=128, help="recent prompt tokens kept noise-free")
-    p.add_argument("--eval_every", type=int, default=150)
-    p.add_argument("--eval_n", type=int, default=8, help="held-out examples per task and length")
-    p.add_argument("--eval_noise", type=float, default=0.5, help="key noise of the robustness column")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max_minutes", type=float, default=None, help="stop (and export) after this wall time")
-    p.add_argument("--stop_step", type=int, default=None, help="stop (and export) after this step's checkpoint")
+    p.add_argument("--layers", type=positive_int, default=3)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--intermediate", type=positive_int, default=512)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--kv_heads", type=positive_int, default=2, help="must divide --heads")
+    p.add_argument("--steps", type=positive_int, default=1200)
+    p.add_argument("--tokens_per_step", type=positive_int, default=3072)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--warmup", type=positive_int, default=50)
+    p.add_argument("--weight_decay", type=non_negative_float, default=0.01)
+    p.add_argument("--stages", type=stages_arg, default="0.3:96:192,0.2:160:640,0.2:384:1536,0.3:512:2300",
+                   help="fraction:min_len:max_len of prompt tokens per stage, comma-separated; fractions sum to 1")
+    p.add_argument("--p_multikey", type=fraction_float, default=0.5, help="share of multikey examples")
+    p.add_argument("--key_noise", type=non_negative_float, default=0.8, help="max relative key noise norm")
+    p.add_argument("--value_noise", type=non_negative_float, default=0.4, help="max relative value noise norm")
+    p.add_argument("--noise_start", type=fraction_float, default=0.35, help="fraction of steps where noise begins")
+    p.add_argument("--noise_full", type=fraction_float, default=0.65,
+                   help="fraction of steps where noise is at its max")
+    p.add_argument("--exact_window", type=non_negative_int, default=128, help="recent prompt tokens kept noise-free")
+    p.add_argument("--eval_every", type=positive_int, default=150)
+    p.add_argument("--eval_n", type=positive_int, default=8, help="held-out examples per task and length")
+    p.add_argument("--eval_noise", type=non_negative_float, default=0.5, help="key noise of the robustness column")
+    p.add_argument("--seed", type=numpy_torch_seed_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and export) after this wall time")
+    p.add_argument("--stop_step", type=positive_int, default=None,
+                   help="stop (and export) after this step's checkpoint")
     args = p.parse_args(argv)
+    if args.heads % args.kv_heads:
+        p.error(f"argument --kv_heads: must divide --heads ({args.heads}), got {args.kv_heads}")
+    check_paths(p, args)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -281,8 +353,6 @@ def main(argv=None) -> None:
     step, history = 0, []
     checkpoint = run_dir / "checkpoint.pt"
     if args.export_only:
-        if not args.export:
-            p.error("--export_only needs --export DIR")
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         export(model, tokenizer, Path(args.export), state["history"], argparse.Namespace(**state["args"]))
@@ -298,7 +368,7 @@ def main(argv=None) -> None:
         print(f"resumed at step {step}", flush=True)
     n_params = sum(q.numel() for q in model.parameters())
     print(f"params {n_params / 1e6:.2f}M  {json.dumps(vars(args))}", flush=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+    write_json_atomic(run_dir / "args.json", vars(args), indent=1)
     eval_set = build_eval_set(tokenizer, tables, args.eval_n)
     stages = parse_stages(args.stages)
 
@@ -364,7 +434,7 @@ def main(argv=None) -> None:
             row = {"step": step, "time_s": round(elapsed, 1), "tokens": tokens, "noise_level": level, **evaluate()}
             history.append(row)
             print("EVAL " + json.dumps(row), flush=True)
-            (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            write_json_atomic(run_dir / "history.json", history, indent=1)
             save_checkpoint(checkpoint, model, opt, step, rng, history, args)
             if step % (4 * args.eval_every) == 0:
                 shutil.copy(checkpoint, run_dir / f"checkpoint_{step}.pt")
