@@ -6,7 +6,9 @@ token and KV head, the bits read once for all rows. This script compiles that lo
 rows in flight, half the adds issued as masked FMAs, as the kernel does), the same loop without
 masks (the ceiling, not a score), the other ways to sum floats under a bit mask (+-1 FMAs, a mix),
 and nibble-table lookups (``vpermps`` on 16 keys' transposed bits, with tables built once or
-rebuilt per 32-token group as the per-group outlier correction requires); it times each on one
+rebuilt per 32-token group as the per-group outlier correction requires), and, with AVX-512 VNNI,
+the sums in fixed point (int8 dot products on bytes made from the bits, v rounded to 15 or 22 bits
+in 2 or 3 int8 pieces, with each width's largest error next to float32's); it times each on one
 core and turns the kernel's masked rate into the least time a decode step's key scores can take on
 this machine with every thread busy. Set against exact attention's time at the same size
 (``benchmarks/bench_cpu.py``), it bounds the ratio a kernel built on masked adds can reach.
@@ -30,7 +32,9 @@ from pathlib import Path
 # per argv[1]; prints the best of 9 runs in seconds.
 SOURCE = r"""
 #include <immintrin.h>
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +44,7 @@ SOURCE = r"""
 constexpr int kM = 512, kTokens = 32768, kRows = 3, kBlock = 4, kGroup = 32, kPositions = kM / 4;
 alignas(64) static float v[kRows][kM];
 alignas(64) static float tables[kRows][kPositions][16];
+alignas(64) static int8_t piece[3][kRows][kM];  // v in fixed point: Q = 16384 a + 128 b + c (or 128 a + b)
 static std::vector<uint8_t> bits;
 
 enum Variant { kMasked, kPlain, kSignFma, kMaskedAndSignFma, kLutFixed, kLutGroups };
@@ -163,18 +168,112 @@ __attribute__((noinline)) float score_lut() {
   return _mm512_reduce_add_ps(total);
 }
 
+
+#ifdef __AVX512VNNI__
+// Sums of v over the set bits in fixed point: the bits become bytes (1 or 128 where set) and
+// vpdpbusd adds 4 byte products per lane, 64 bits per instruction and piece. kPieces = 2: 15-bit
+// Q = 128 a + b in one accumulator; 3: 22-bit Q = 16384 a + (128 b + c), two accumulators. Integer
+// sums are exact: the only error is rounding v to Q (score_error below).
+template <int kPieces>
+__attribute__((noinline)) float score_vnni() {
+  constexpr int kKeys = 2;  // keys in flight (more spill the accumulators)
+  const __m512i one = _mm512_set1_epi8(1), w128 = _mm512_set1_epi8(static_cast<char>(128));
+  __m512 total = _mm512_setzero_ps();
+  for (int t = 0; t < kTokens; t += kKeys) {
+    __m512i lo[kRows][kKeys], hi[kRows][kKeys];
+    for (int r = 0; r < kRows; ++r)
+      for (int j = 0; j < kKeys; ++j) lo[r][j] = hi[r][j] = _mm512_setzero_si512();
+    const uint8_t* b = bits.data() + static_cast<size_t>(t) * (kM / 8);
+    for (int i = 0; i < kM; i += 64) {
+      __m512i e1[kKeys], e128[kKeys];
+      for (int j = 0; j < kKeys; ++j) {
+        const __mmask64 k = _load_mask64((__mmask64*)(b + j * (kM / 8) + i / 8));
+        e1[j] = _mm512_maskz_mov_epi8(k, one);
+        e128[j] = _mm512_maskz_mov_epi8(k, w128);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m512i a = _mm512_load_si512(piece[0][r] + i), p1 = _mm512_load_si512(piece[1][r] + i);
+        for (int j = 0; j < kKeys; ++j) {
+          if (kPieces == 2) {
+            lo[r][j] = _mm512_dpbusd_epi32(lo[r][j], e128[j], a);
+            lo[r][j] = _mm512_dpbusd_epi32(lo[r][j], e1[j], p1);
+          } else {
+            hi[r][j] = _mm512_dpbusd_epi32(hi[r][j], e1[j], a);
+            lo[r][j] = _mm512_dpbusd_epi32(lo[r][j], e128[j], p1);
+            lo[r][j] = _mm512_dpbusd_epi32(lo[r][j], e1[j], _mm512_load_si512(piece[2][r] + i));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int j = 0; j < kKeys; ++j)
+        total = _mm512_add_ps(total, _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][j], _mm512_slli_epi32(hi[r][j], 14))));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#endif
+
+// v of row 0 rounded to `width`-bit fixed point (scaled to its largest |v|) and split into pieces;
+// returns the largest error of a key's sum of v over its set bits, relative to the keys' rms sum.
+static double quantize_pieces(int width) {
+  const int pieces = width > 15 ? 3 : 2;
+  double worst = 0.0, square = 0.0;
+  for (int r = 0; r < kRows; ++r) {
+    double top = 0.0;
+    for (int i = 0; i < kM; ++i) top = std::max(top, std::fabs(static_cast<double>(v[r][i])));
+    const double step = top / ((1 << (width - 1)) - (pieces == 3 ? 16384 : 128));
+    std::vector<double> q(kM);
+    for (int i = 0; i < kM; ++i) {
+      const long long Q = std::llround(v[r][i] / step);
+      const long long c = Q - 128 * std::llround(Q / 128.0), Q1 = (Q - c) / 128;
+      if (pieces == 2) {
+        piece[0][r][i] = static_cast<int8_t>(Q1), piece[1][r][i] = static_cast<int8_t>(c);
+      } else {
+        const long long b1 = Q1 - 128 * std::llround(Q1 / 128.0);
+        piece[0][r][i] = static_cast<int8_t>((Q1 - b1) / 128), piece[1][r][i] = static_cast<int8_t>(b1);
+        piece[2][r][i] = static_cast<int8_t>(c);
+      }
+      q[i] = static_cast<double>(Q) * step;
+    }
+    if (r > 0) continue;
+    for (int t = 0; t < 1024; ++t) {
+      double exact = 0.0, fixed = 0.0;
+      float single = 0.f;  // width 24: a float32 sum in order, for comparison
+      for (int i = 0; i < kM; ++i) {
+        if (bits[static_cast<size_t>(t) * (kM / 8) + i / 8] >> (i % 8) & 1) {
+          exact += v[r][i], fixed += q[i], single += v[r][i];
+        }
+      }
+      worst = std::max(worst, std::fabs((width == 24 ? single : fixed) - exact));
+      square += exact * exact / 1024;
+    }
+  }
+  return worst / std::sqrt(square);
+}
+
 int main(int argc, char** argv) {
   const std::string name = argc > 1 ? argv[1] : "masked";
   bits.resize(static_cast<size_t>(kTokens) * kM / 8);
   for (auto& x : bits) x = static_cast<uint8_t>(std::rand());
-  for (int r = 0; r < kRows; ++r)
-    for (int i = 0; i < kM; ++i) v[r][i] = 1e-3f * i + r;
+  for (int r = 0; r < kRows; ++r)  // S q: entries of both signs, as a projected query's
+    for (int i = 0; i < kM; ++i) v[r][i] = std::sin(0.37f * i + r) * (1.f + 1e-3f * i);
+  if (name == "error-15" || name == "error-22" || name == "error-f32") {
+    std::printf("%.3e\n", quantize_pieces(name == "error-15" ? 15 : name == "error-22" ? 22 : 24));
+    return 0;
+  }
+#ifdef __AVX512VNNI__
+  if (name == "vnni-15" || name == "vnni-22") quantize_pieces(name == "vnni-15" ? 15 : 22);
+#endif
   float (*fn)() = name == "masked" ? score_all<kMasked>
                   : name == "plain" ? score_all<kPlain>
                   : name == "sign-fma" ? score_all<kSignFma>
                   : name == "masked+sign-fma" ? score_all<kMaskedAndSignFma>
                   : name == "lut-fixed" ? score_lut<false>
                   : name == "lut-groups" ? score_lut<true>
+#ifdef __AVX512VNNI__
+                  : name == "vnni-15" ? score_vnni<2>
+                  : name == "vnni-22" ? score_vnni<3>
+#endif
                   : nullptr;
   if (fn == nullptr) {
     std::fprintf(stderr, "unknown variant %s\n", name.c_str());
@@ -200,6 +299,11 @@ VARIANTS = {
     "lut-fixed": "nibble tables (vpermps), 16 keys per lookup, tables built once",
     "lut-groups": "the same, tables rebuilt every 32-token group",
 }
+# With AVX-512 VNNI: the same sums in fixed point (exact integer sums of v rounded to 15 or 22 bits)
+VNNI_VARIANTS = {
+    "vnni-15": "vpdpbusd on bytes made from the bits, v in 15-bit fixed point (2 int8 pieces)",
+    "vnni-22": "the same, 22-bit fixed point (3 int8 pieces)",
+}
 WORK = 32768 * 3 * (512 // 16)  # the loops' 16-lane masked-add equivalents (T x rows x m / 16)
 
 
@@ -214,15 +318,25 @@ def has_avx512() -> bool:
         return False
 
 
-def timings(compiler: str) -> dict[str, float]:
-    """Best seconds of each variant's loop (32768 keys x 512 bits x 3 rows) on one core."""
+def has_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def timings(compiler: str, vnni: bool) -> dict[str, float]:
+    """Best seconds of each variant's loop (32768 keys x 512 bits x 3 rows) on one core; with
+    ``vnni``, also the fixed-point loops and ``error-15`` / ``error-22``: the largest error of a key's
+    sum at that width, relative to the rms sum."""
+    flags = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"] + (["-mavx512vnni"] if vnni else [])
+    names = list(VARIANTS) + (list(VNNI_VARIANTS) + ["error-15", "error-22", "error-f32"] if vnni else [])
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "peak.cpp", Path(tmp) / "peak"
         src.write_text(SOURCE)
-        subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-std=c++17",
-                        str(src), "-o", str(exe)], check=True)
+        subprocess.run([compiler, "-O3", *flags, "-std=c++17", str(src), "-o", str(exe)], check=True)
         return {name: float(subprocess.run([str(exe), name], check=True, capture_output=True, text=True).stdout.split()[0])
-                for name in VARIANTS}
+                for name in names}
 
 
 def main(argv=None) -> int:
@@ -236,11 +350,16 @@ def main(argv=None) -> int:
     if compiler is None or not has_avx512():
         print("cpu_peak: needs a C++ compiler and an AVX-512 CPU; nothing measured")
         return 0
-    seconds = timings(compiler)
+    vnni = has_vnni()
+    seconds = timings(compiler, vnni)
     masked = WORK / seconds["masked"]
     print("one core, 32768 keys x 512 sign bits x 3 query rows:")
-    for name, what in VARIANTS.items():
-        print(f"  {name:16} {seconds[name] * 1e3:7.3f} ms  {seconds['masked'] / seconds[name]:5.2f}x masked  ({what})")
+    for name, what in {**VARIANTS, **(VNNI_VARIANTS if vnni else {})}.items():
+        error = f"; largest key-sum error {seconds['error-' + name[5:]]:.1e} of the rms sum" if name in VNNI_VARIANTS else ""
+        print(f"  {name:16} {seconds[name] * 1e3:7.3f} ms  {seconds['masked'] / seconds[name]:5.2f}x masked  "
+              f"({what}{error})")
+    if vnni:
+        print(f"  (float32 sums in order: largest key-sum error {seconds['error-f32']:.1e} of the rms sum)")
     print(f"masked rate: {masked / 1e9:.2f} G 16-lane adds/s")
     print(f"\nleast time of a decode step's committed-key scores at {args.tokens} tokens on {args.threads} "
           f"thread(s), masked adds at that rate:")

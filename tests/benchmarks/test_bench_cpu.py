@@ -46,6 +46,11 @@ def test_cpu_peak_reports_a_bound_for_every_shape(capsys):
     assert len(bounds) == 4 and all(b > 0 for b in bounds)
     # initial layers score 640 bits per key, general ones 512: the bound scales with them
     assert abs(bounds[1] / bounds[0] - 640 / 512) < 1e-2
+    errors = {line.split()[0]: float(line.split("error ")[1].split()[0]) for line in out.splitlines()
+              if "key-sum error" in line}
+    if "vnni-22" in errors:  # the CPU has VNNI: 22 bits keep float32's precision, 15 bits do not
+        assert errors["vnni-22"] < 1e-5 < errors["vnni-15"]
+        assert errors["(float32"] < 1e-5
 
 
 def test_prefill_timing_includes_the_prompts_compression():
