@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -106,9 +107,10 @@ def backend_info() -> BackendInfo:
     else:
         extension = f"extension loaded with CUDA and CPU kernels ({cpu_isa()})"
     gpu = torch.cuda.is_available()
-    if _forced_backend != "auto":
-        active = _forced_backend
-        why = f"forced to {_forced_backend!r} (QJL_BACKEND / set_backend)"
+    forced = forced_backend()
+    if forced != "auto":
+        active = forced
+        why = f"forced to {forced!r} (QJL_BACKEND / set_backend / use_backend)"
     elif gpu and _HAS_CUDA_KERNELS:
         active, why = "cuda", "CUDA tensors use the CUDA kernels, CPU tensors the reference"
     elif gpu and triton_version is not None:
@@ -118,14 +120,21 @@ def backend_info() -> BackendInfo:
         why = "no GPU is visible" if not gpu else "neither the CUDA extension nor Triton can run"
     cpu = (
         f"CPU tensors run decode_attention in the C++ kernel ({cpu_isa()})"
-        if _HAS_CPU_KERNELS and _forced_backend != "reference"
+        if _HAS_CPU_KERNELS and forced != "reference"
         else "CPU tensors run decode_attention as its reference"
     )
     return BackendInfo(active, _EXTENSION_PATH, f"{why}; {cpu}; {extension}; {_triton_summary()}", triton_version)
 
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-_forced_backend = "auto"
+_process_backend = "auto"  # set_backend / QJL_BACKEND
+_thread = threading.local()  # .backend: a use_backend block's choice, for its own thread only
+
+
+def forced_backend() -> str:
+    """The backend the ops of this thread are forced to: the innermost :func:`use_backend` block
+    running on this thread, else the process-wide choice (:func:`set_backend`, ``QJL_BACKEND``)."""
+    return getattr(_thread, "backend", _process_backend)
 
 
 def set_backend(name: str) -> None:
@@ -134,21 +143,31 @@ def set_backend(name: str) -> None:
     reference), ``"reference"``, ``"triton"`` or ``"cuda"`` (the last two raise when their kernels
     cannot run; ``"triton"`` runs CPU tensors under Triton's interpreter when the process was started
     with ``TRITON_INTERPRET=1``). The environment variable ``QJL_BACKEND`` sets the initial choice."""
-    global _forced_backend
+    global _process_backend
+    _process_backend = _checked_backend(name)
+
+
+def _checked_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _forced_backend = name
+    return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """``with use_backend("reference"): ...`` runs the block with a forced backend."""
-    previous = _forced_backend
-    set_backend(name)
+    """``with use_backend("reference"): ...`` runs the block with a forced backend. The choice holds
+    for the thread that runs the block (other threads keep theirs), and leaving the block restores
+    what that thread had, whatever other threads' blocks do meanwhile."""
+    missing = object()
+    previous = getattr(_thread, "backend", missing)
+    _thread.backend = _checked_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        if previous is missing:
+            del _thread.backend
+        else:
+            _thread.backend = previous
 
 
 def _triton_unavailable(tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -163,16 +182,17 @@ def _triton_unavailable(tensors: tuple[torch.Tensor, ...]) -> str | None:
 def backend_for(*tensors: torch.Tensor) -> str:
     """Name of the backend the ops use for these tensors: ``"cuda"``, ``"triton"`` or ``"reference"``
     (float64 inputs use the reference whatever this says)."""
-    if _forced_backend == "reference":
+    forced = forced_backend()
+    if forced == "reference":
         return "reference"
     on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
     cuda_runnable = _cuda_ops() is not None and on_gpu
-    if _forced_backend == "cuda":
+    if forced == "cuda":
         if not cuda_runnable:
             why = _EXTENSION_ERROR if not _HAS_CUDA_KERNELS else "not every tensor is on a GPU"
             raise RuntimeError(f"the qjl_kernel backend is forced to 'cuda' but the kernels cannot run: {why}")
         return "cuda"
-    if _forced_backend == "triton":
+    if forced == "triton":
         why = _triton_unavailable(tensors)
         if why is not None:
             raise RuntimeError(f"the qjl_kernel backend is forced to 'triton' but the kernels cannot run: {why}")
@@ -191,7 +211,7 @@ def _cpu_kernels_run(*tensors: torch.Tensor, floats=()) -> bool:
     """Whether the C++ CPU kernels take these tensors: the extension has them, no backend is
     forced, every tensor is on the CPU and the float ones are float16 / bfloat16 / float32."""
     return (
-        _forced_backend == "auto"
+        forced_backend() == "auto"
         and _HAS_CPU_KERNELS
         and all(t.device.type == "cpu" for t in tensors)
         and all(t.dtype in _KERNEL_FLOATS for t in floats)
@@ -397,7 +417,7 @@ def decode_attention_unchecked(query, keys, projection, residual_keys, values, v
         keys = None
     if values is not None and values.num_tokens == 0:
         values = None
-    if _forced_backend == "reference":
+    if forced_backend() == "reference":
         return reference.decode_attention_ref(
             query, keys, projection, residual_keys, values, value_window, mask, float(scaling)
         )

@@ -85,6 +85,9 @@ def key_scores_ref(query: torch.Tensor, keys: QuantizedKeys, projection: torch.T
     s = projection.float()
     m, m_o = s.shape[0], keys.outlier_sketch_dim
     n_out = keys.outlier_indices.shape[-1]
+    # The whole result first: a size this machine cannot hold fails here, at once, with torch's
+    # allocation error, instead of after chunk upon chunk of work has filled the memory.
+    out = torch.empty(batch, q_heads, length, n_groups * group, dtype=torch.float32, device=query.device)
 
     signs_in = unpack_signs(keys.bits)  # [B, Hkv, N, G, m]
     signs_out = unpack_signs(keys.outlier_bits)  # [B, Hkv, N, G, m_o]
@@ -94,7 +97,6 @@ def key_scores_ref(query: torch.Tensor, keys: QuantizedKeys, projection: torch.T
     norm_out = keys.outlier_norms.float()[:, :, None, None]
 
     q_all = query.float().view(batch, kv_heads, ratio, length, dim)
-    chunks = []
     for start in range(0, length, _QUERY_CHUNK):
         q = q_all[:, :, :, start : start + _QUERY_CHUNK]  # [B, Hkv, r, l, d]
         l = q.shape[3]
@@ -113,10 +115,8 @@ def key_scores_ref(query: torch.Tensor, keys: QuantizedKeys, projection: torch.T
                 scores = scores + QJL_SCALE / m_o * norm_out * torch.einsum(
                     "bhrlnm,bhngm->bhrlng", outlier_sketch[..., :m_o], signs_out
                 )
-        chunks.append(scores.reshape(batch, q_heads, l, n_groups * group))
-    if not chunks:  # no query rows (L = 0): an empty score matrix, not a failed torch.cat
-        return query.new_zeros(batch, q_heads, 0, n_groups * group, dtype=torch.float32)
-    return torch.cat(chunks, dim=2)
+        out[:, :, start : start + l] = scores.reshape(batch, q_heads, l, n_groups * group)
+    return out
 
 
 def dequantize_keys_ref(keys: QuantizedKeys, projection: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,8 @@ def quantize_values_ref(values: torch.Tensor, group_size: int, bits: int) -> Qua
 def dequantize_values_ref(values: QuantizedValues) -> torch.Tensor:
     """:class:`QuantizedValues` -> float32 ``[..., T, d]``."""
     codes = unpack_codes(values.codes, values.bits).float()
-    grouped = codes.view(*codes.shape[:-1], -1, values.group_size)
+    # the group count spelled out: a view with -1 cannot size an empty batch
+    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // values.group_size, values.group_size)
     out = grouped * values.scales.float().unsqueeze(-1) + values.mins.float().unsqueeze(-1)
     return out.flatten(-2)
 

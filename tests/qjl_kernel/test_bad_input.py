@@ -250,6 +250,46 @@ def test_backend_override():
     assert qjl_kernel.backend_for(x) == "reference"
 
 
+def test_use_backend_holds_for_its_own_thread():
+    # One process-wide variable: a block in one thread forced every thread, and two threads leaving
+    # their blocks out of order left the backend forced to "reference" for good (C++ kernels off).
+    import threading
+
+    from qjl_kernel import ops
+
+    default = ops.forced_backend()  # "auto" unless QJL_BACKEND says otherwise
+    entered, leave_first, left_first = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with qjl_kernel.use_backend("reference"):
+            entered.set()
+            leave_first.wait(5)
+        left_first.set()
+
+    def second():
+        entered.wait(5)
+        seen["while the other thread's block runs"] = ops.forced_backend()
+        with qjl_kernel.use_backend("triton"):
+            leave_first.set()
+            left_first.wait(5)  # the first block ends inside this one
+            seen["own block"] = ops.forced_backend()
+        seen["after"] = ops.forced_backend()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"while the other thread's block runs": default, "own block": "triton", "after": default}
+    assert ops.forced_backend() == default
+    with qjl_kernel.use_backend("reference"):  # nesting on one thread restores the outer block
+        with qjl_kernel.use_backend("triton"):
+            assert ops.forced_backend() == "triton"
+        assert ops.forced_backend() == "reference"
+    assert ops.forced_backend() == default
+
+
 def test_outlier_index_check_reports_values_on_cpu():
     """CPU tensors: the check reads the indices back and names what is wrong."""
     from qjl_kernel import _checks

@@ -17,8 +17,8 @@ from qjl_kernel import reference
 
 if not qjl_ops._HAS_CPU_KERNELS:
     _NO_KERNEL = f"the C++ CPU kernel of decode_attention is not loaded: {qjl_kernel.backend_info().reason}"
-elif qjl_ops._forced_backend != "auto":
-    _NO_KERNEL = f"QJL_BACKEND forces the {qjl_ops._forced_backend!r} backend: the CPU kernel does not run"
+elif qjl_ops.forced_backend() != "auto":
+    _NO_KERNEL = f"QJL_BACKEND forces the {qjl_ops.forced_backend()!r} backend: the CPU kernel does not run"
 else:
     _NO_KERNEL = None
 needs_cpu_kernel = pytest.mark.skipif(_NO_KERNEL is not None, reason=_NO_KERNEL or "")
@@ -130,7 +130,7 @@ def test_cpu_tensors_run_the_kernel(monkeypatch):
         raise AssertionError("decode_attention ran the reference under the 'auto' backend")
 
     monkeypatch.setattr(reference, "decode_attention_ref", refuse)
-    assert qjl_ops._forced_backend == "auto", "QJL_BACKEND forces a backend: the kernel would not run"
+    assert qjl_ops.forced_backend() == "auto", "QJL_BACKEND forces a backend: the kernel would not run"
     out = qjl_kernel.decode_attention(*make_case())
     assert out.shape == (1, 4, 1, 128)
 

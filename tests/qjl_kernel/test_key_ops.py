@@ -159,3 +159,24 @@ def test_distortion_falls_like_inverse_sqrt_m():
 
 def test_orthogonalized_sketch_has_lower_distortion():
     assert _mean_relative_error(256, orthogonalize=True) < 0.85 * _mean_relative_error(256, orthogonalize=False)
+
+
+def test_scores_too_large_for_memory_fail_at_once():
+    # The reference computed 64-row chunks and concatenated them at the end, so no allocation was
+    # refused: a request for terabytes grew the process for minutes until the system killed it.
+    import time
+
+    from qjl_kernel import QuantizedKeys
+
+    groups, group, rows, dim = 2**26, 32, 2**16, 16  # 2^31 keys x 2^16 rows: 512 TiB, past any address space
+    keys = QuantizedKeys(
+        torch.zeros(1, 1, 1, 1, 1, dtype=torch.uint8).expand(1, 1, groups, group, 1),
+        torch.zeros(1, 1, groups, group, 0, dtype=torch.uint8),
+        torch.ones(1, 1, 1, 1).expand(1, 1, groups, group),
+        torch.ones(1, 1, 1, 1).expand(1, 1, groups, group),
+        torch.zeros(1, 1, groups, 0, dtype=torch.uint8),
+    )
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        qjl_kernel.key_scores(torch.randn(1, 1, 1, dim).expand(1, 1, rows, dim), keys, torch.randn(8, dim))
+    assert time.perf_counter() - start < 10

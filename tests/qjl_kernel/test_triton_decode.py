@@ -253,7 +253,7 @@ def test_triton_backend_calls_the_fused_triton_kernel(monkeypatch, committed, qu
     recorder = _Recorder()
     monkeypatch.setattr(qjl_ops.triton_decode, "decode_attention", recorder)
     monkeypatch.setattr(qjl_ops, "backend_for", lambda *tensors: "triton")
-    monkeypatch.setattr(qjl_ops, "_forced_backend", "triton")
+    monkeypatch.setattr(qjl_ops, "_process_backend", "triton")
     qjl_ops.decode_attention_unchecked(*args, None, 0.125)
     (call,) = recorder.calls
     assert len(call) == 16 and call[12] is None and call[13] == 0.125
@@ -272,7 +272,7 @@ def test_cuda_backend_calls_the_fused_cuda_kernel_when_built(monkeypatch):
     fake_ops = type("FakeOps", (), {"decode_attention": type("Op", (), {"default": staticmethod(recorder)})})
     monkeypatch.setattr(qjl_ops, "_OPS", fake_ops)
     monkeypatch.setattr(qjl_ops, "backend_for", lambda *tensors: "cuda")
-    monkeypatch.setattr(qjl_ops, "_forced_backend", "cuda")
+    monkeypatch.setattr(qjl_ops, "_process_backend", "cuda")
     monkeypatch.setattr(qjl_ops, "_HAS_CUDA_DECODE", True)
     qjl_ops.decode_attention_unchecked(*args, None, 0.125)
     assert len(recorder.calls) == 1

@@ -143,3 +143,15 @@ def test_cpu_kernel_matches_reference_on_non_finite_inputs(bits, dtype):
     assert torch.equal(codes, reference.codes)
     torch.testing.assert_close(scales, reference.scales, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(mins, reference.mins, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch_gives_empty_results(backend):
+    # the reference's dequantization viewed codes with a -1 group count, which an empty batch cannot size
+    values = qjl_kernel.quantize_values(torch.randn(0, 2, 5, 64), 32, 2)
+    with qjl_kernel.use_backend(backend):
+        assert qjl_kernel.dequantize_values(values).shape == (0, 2, 5, 64)
+        assert qjl_kernel.value_matmul(torch.randn(0, 4, 1, 5), values).shape == (0, 4, 1, 64)
+        out = qjl_kernel.decode_attention(torch.randn(0, 4, 1, 64), None, None, torch.randn(0, 2, 6, 64), values,
+                                          torch.randn(0, 2, 1, 64))
+        assert out.shape == (0, 4, 1, 64)
