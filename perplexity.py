@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import models
 from cli_io import check_output_paths, interruptible, write_json_atomic
+from longbench_eval.records import DirectoryLock
 from figures import save_figure
 from models.accounting import FP16_BITS, qjl_bit_report
 from models.config import QJLConfig
@@ -465,8 +466,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(e))
     if not args.no_figure:
         require_matplotlib()  # before the long sweep, not after it
-    from models.pretrained import load_causal_lm, load_tokenizer
-
     try:  # before loading the model (names do not depend on its depth)
         select(default_sweep(32), args.methods)
     except ValueError as e:
@@ -481,8 +480,20 @@ def main(argv: list[str] | None = None) -> dict:
         stored = read_results(path)
         if stored is not None:
             check_settings({k: stored["settings"].get(k) for k in settings}, settings, path)
+        # held for the whole run: a second run into this output would rewrite the results file from its
+        # own copy and drop what this one finished meanwhile
+        lock = DirectoryLock(Path(args.output)).acquire()
     except ValueError as e:
         parser.error(f"argument --output: {e}")
+    try:
+        return _run(parser, args, path, settings)
+    finally:
+        lock.release(remove=True)  # a directory this run made and left empty (a usage error) goes too
+
+
+def _run(parser, args, path: Path, settings: dict) -> dict:
+    """main's work once the output directory is checked and locked: the text, the model, the sweep."""
+    from models.pretrained import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     try:  # the text before the model: a --tokens beyond it is a usage error, not a traceback minutes in

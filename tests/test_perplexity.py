@@ -404,3 +404,17 @@ def test_cli_end_to_end_on_a_local_model(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --output: " in err and "refusing to mix them" in err and "prompt: 64 there, 32 now" in err
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys, monkeypatch):
+    # Two runs into one --output each rewrote perplexity.json from their own copy: the run that
+    # finished last dropped the other's finished configurations.
+    import models.pretrained
+    from longbench_eval.records import DirectoryLock
+
+    monkeypatch.setattr(models.pretrained, "load_tokenizer", lambda *a, **k: pytest.fail("work started"))
+    with DirectoryLock(tmp_path / "out"):  # the first run, still going
+        with pytest.raises(SystemExit) as exit_info:
+            P.main(["--output", str(tmp_path / "out"), "--no-figure"])
+    assert exit_info.value.code == 2
+    assert f"argument --output: {tmp_path / 'out'} is in use by another run (pid " in capsys.readouterr().err
