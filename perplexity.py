@@ -46,6 +46,7 @@ from cli_io import check_output_paths, interruptible, write_json_atomic
 from longbench_eval.records import DirectoryLock
 from figures import save_figure
 from models.accounting import FP16_BITS, qjl_bit_report
+from models.cache import CompressedLayer
 from models.config import QJLConfig
 from real_text import stdlib_text
 
@@ -250,12 +251,15 @@ def memory_fields(config: SweepConfig, cache) -> dict:
     """Measured bits per channel (overall, keys, values) and bytes of ``cache`` after a run, and the
     configuration's nominal bits for an fp16 model (fp16 value scales / mins, float32 key norms)."""
     report = models.memory_report(cache)
-    if config.method == "exact":
+    # the compressed layers' bits, as memory_report and longbench.py count them (exact sliding-window
+    # layers are left out; a model with none compressed stores everything exactly: the fp16 baseline)
+    compressed = [m for m, layer in zip(report.layers, cache.layers) if isinstance(layer, CompressedLayer)]
+    if config.method == "exact" or not compressed:
         bits = dict(kv_bits_per_channel=float(FP16_BITS), key_bits_per_channel=float(FP16_BITS),
                     value_bits_per_channel=float(FP16_BITS), nominal_kv_bits_fp16=float(FP16_BITS))
     else:
-        keys = [l.key_bits_per_channel for l in report.layers]
-        values = [l.value_bits_per_channel for l in report.layers]
+        keys = [l.key_bits_per_channel for l in compressed]
+        values = [l.value_bits_per_channel for l in compressed]
         if config.method == "qjl" and config.qjl.value_quantization_bits == 16:
             values = [float(FP16_BITS)] * len(values)  # exact values: the fp16 baseline
         measured = bool(keys) and None not in keys and None not in values

@@ -574,10 +574,12 @@ class _CompressedCache(Cache):
         exact buffers) and the fp16 DynamicCache equivalent. The blocks completed by the last step
         are committed at the start of the next update: until then they are held (and counted) exact.
         Exact sliding-window layers count in the bytes (what they hold) and in the per-layer rows,
-        not in the bits of the compressed part."""
+        not in the bits of the compressed part; a model whose every layer slides compresses nothing,
+        and its bits are those of the exact tensors it holds."""
         layers = tuple(layer.memory() for layer in self.layers)
         compressed = tuple(m for m, layer in zip(layers, self.layers) if isinstance(layer, CompressedLayer))
-        bits = MemoryReport.from_layers(compressed, fallback_bits=self.nominal_bits_per_channel()).bits_per_channel
+        basis = compressed or layers  # (the nominal bits only while the cache is empty)
+        bits = MemoryReport.from_layers(basis, fallback_bits=self.nominal_bits_per_channel()).bits_per_channel
         return MemoryReport(bits, sum(l.nbytes for l in layers), sum(l.fp16_nbytes for l in layers), layers)
 
     def nominal_bits_per_channel(self) -> float:

@@ -211,3 +211,37 @@ def test_padded_generate_under_sdpa_equals_the_qjl_path():
                               **models.cache_kwargs(model, cache))
 
     assert torch.equal(generate("sdpa"), generate(models.ATTN_IMPLEMENTATION))
+
+
+@pytest.mark.parametrize("method", ["qjl", "kivi"])
+def test_a_model_that_slides_on_every_layer_reports_exact_bits(method):
+    # Nothing is compressed there, yet the bits came from the configuration (QJL 7.02, KIVI 3.00)
+    # while the bytes were exact's.
+    model = SLIDING_MODELS["mistral"]()
+    cache = models.make_cache(method, model.config, models.QJLConfig(group_size=16, buffer_size=32))
+    exact = exact_cache(model)
+    with torch.no_grad():
+        for c in (cache, exact):
+            model(input_ids=tokens(1, 3 * WINDOW), use_cache=True, **models.cache_kwargs(model, c))
+    report = models.memory_report(cache)
+    assert report.bits_per_channel == 32.0  # the float32 model's exact tensors
+    assert report.nbytes == models.memory_report(exact).nbytes
+
+
+def test_perplexity_bits_count_the_compressed_layers_only():
+    # perplexity.py averaged over every layer, exact sliding ones (32 bits on a float32 model)
+    # included, while exact reported the fp16 baseline: an all-sliding model gave QJL 32, exact 16.
+    import perplexity
+
+    sweep = {c.name: c for c in perplexity.default_sweep(2, group_size=16, buffer_size=32)}
+    for name, arch in (("qjl-paper", "mistral"), ("kivi-2", "mistral"), ("kivi-2", "gemma2")):
+        model = SLIDING_MODELS[arch]()
+        cache = models.make_cache(sweep[name].method, model.config, sweep[name].qjl)
+        with torch.no_grad():
+            model(input_ids=tokens(1, 3 * WINDOW), use_cache=True, **models.cache_kwargs(model, cache))
+            model(input_ids=tokens(1, 1), use_cache=True, **models.cache_kwargs(model, cache))
+        fields = perplexity.memory_fields(sweep[name], cache)
+        if arch == "mistral":  # nothing compressed: the fp16 baseline, as for exact
+            assert fields["kv_bits_per_channel"] == 16.0
+        else:  # gemma2: the full-attention layers' bits, as memory_report counts them
+            assert fields["kv_bits_per_channel"] == models.memory_report(cache).bits_per_channel < 16
