@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
     qjl_config = load_qjl_config(args.qjl_config, PRESETS[args.preset]["model"]["head_dim"])
     model = build_model(args.preset, args.num_layers, device, dtype)
     lengths = lengths_between(args.min_len, args.max_len)
-    backend = qjl_kernel.backend_for(torch.empty(0, device=device))
+    backend = qjl_kernel.ops_label(device)  # the C++ CPU kernels named when they run
     sketch_dims = [qjl_config.layer_budget(i).sketch_dim for i in range(args.num_layers)]  # m per layer
     print(f"runtime sweep: preset {args.preset}, variant {args.variant} (QJL m = {sorted(set(sketch_dims))}), "
           f"{args.num_layers} layer(s), {args.dtype}, {device}, {args.new_tokens} new tokens, "

@@ -207,6 +207,16 @@ def backend_for(*tensors: torch.Tensor) -> str:
 set_backend(os.environ.get("QJL_BACKEND", "auto"))
 
 
+def ops_label(device: torch.device | str) -> str:
+    """What runs this thread's ops for tensors on ``device``, for reports: ``"cuda"``,
+    ``"triton"``, ``"cpu kernels (<isa>)"`` (the C++ CPU kernels: fused decode attention and value
+    quantization; the other ops on the CPU are their references) or ``"reference"``."""
+    probe = torch.empty(0, device=device)
+    if _cpu_kernels_run(probe, floats=(probe,)):
+        return f"cpu kernels ({cpu_isa()})"
+    return backend_for(probe)
+
+
 def _cpu_kernels_run(*tensors: torch.Tensor, floats=()) -> bool:
     """Whether the C++ CPU kernels take these tensors: the extension has them, no backend is
     forced, every tensor is on the CPU and the float ones are float16 / bfloat16 / float32."""

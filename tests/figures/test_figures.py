@@ -523,3 +523,17 @@ def test_distortion_checks_the_output_dir_first(tmp_path, capsys, monkeypatch):
             plot_distortion.main([*argv, "--output_dir", str(target)])
         assert exit_info.value.code == 2
         assert f"argument --output_dir: {target} exists and is not a directory" in capsys.readouterr().err
+
+
+def test_runtime_names_the_cpu_kernels_when_they_run(tmp_path):
+    # The label came from backend_for, which knows only GPU backends: a run on the C++ CPU kernels and
+    # a run forced to the references both said "reference".
+    import qjl_kernel
+    from qjl_kernel import ops
+
+    with qjl_kernel.use_backend("reference"):
+        assert qjl_kernel.ops_label("cpu") == "reference"
+    if ops._HAS_CPU_KERNELS and ops.forced_backend() == "auto":
+        assert qjl_kernel.ops_label("cpu") == f"cpu kernels ({qjl_kernel.cpu_isa()})"
+        data = plot_runtime.main([*SHORT_SWEEP, "--output_dir", str(tmp_path)])
+        assert data["backend"] == f"cpu kernels ({qjl_kernel.cpu_isa()})"
