@@ -92,8 +92,9 @@ def build_model(preset: str, num_layers: int, device: torch.device, dtype: torch
 class Measurement:
     encode_s: float
     decode_s: float
-    cache_bytes: int  # bytes the cache holds at the end
+    cache_bytes: int  # bytes of the data the cache holds at the end
     peak_bytes: int | None  # peak device memory above the model weights (CUDA only)
+    allocated_bytes: int = 0  # what the cache has allocated for it (buffers grown by doubling, sketches)
 
 
 @torch.no_grad()
@@ -117,11 +118,11 @@ def measure(model, method: str, qjl_config: models.QJLConfig, seq_len: int, new_
             logits = model(input_ids=token, use_cache=True, **kwargs).logits
             token = logits[:, -1:].argmax(-1)
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
-    cache_bytes = models.memory_report(cache).nbytes
+    report = models.memory_report(cache)
     del cache, kwargs, logits
     if device.type == "cuda":
         gc.collect()
-    return Measurement(encode.seconds, decode.seconds, cache_bytes, peak)
+    return Measurement(encode.seconds, decode.seconds, report.nbytes, peak, report.allocated)
 
 
 def lengths_between(min_len: int, max_len: int) -> list[int]:

@@ -441,7 +441,8 @@ class CompressedLayer(CacheLayerMixin):
         else:
             value_bits = 8 * values.window.element_size() if values.num_window else None
         fp16 = 2 * 2 * channels * keys.seq_len
-        return LayerMemory(key_bits, value_bits, keys.nbytes() + values.nbytes(), fp16)
+        return LayerMemory(key_bits, value_bits, keys.nbytes() + values.nbytes(), fp16,
+                           keys.allocated_nbytes() + values.allocated_nbytes())
 
 
 class ExactSlidingWindowLayer(DynamicSlidingWindowLayer):
@@ -580,7 +581,11 @@ class _CompressedCache(Cache):
         compressed = tuple(m for m, layer in zip(layers, self.layers) if isinstance(layer, CompressedLayer))
         basis = compressed or layers  # (the nominal bits only while the cache is empty)
         bits = MemoryReport.from_layers(basis, fallback_bits=self.nominal_bits_per_channel()).bits_per_channel
-        return MemoryReport(bits, sum(l.nbytes for l in layers), sum(l.fp16_nbytes for l in layers), layers)
+        sketches = {id(layer.key_store.sketch): layer.key_store.sketch for layer in self.layers
+                    if isinstance(layer, CompressedLayer) and hasattr(layer.key_store, "sketch")}
+        sketch_bytes = sum(t.numel() * t.element_size() for sketch in sketches.values() for t in sketch.tensors())
+        return MemoryReport(bits, sum(l.nbytes for l in layers), sum(l.fp16_nbytes for l in layers), layers,
+                            sum(l.allocated for l in layers) + sketch_bytes)
 
     def nominal_bits_per_channel(self) -> float:
         raise NotImplementedError

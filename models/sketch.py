@@ -99,6 +99,10 @@ class QJLSketch:
             self._projections[device] = self.projection.t().to(device).contiguous().t()
         return self._projections[device]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every copy of ``S`` this sketch holds (one per device it was used on)."""
+        return tuple(self._projections.values())
+
     def __repr__(self) -> str:
         return (
             f"QJLSketch(head_dim={self.head_dim}, sketch_dim={self.sketch_dim}, seed={self.seed}, "

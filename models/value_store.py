@@ -82,6 +82,11 @@ class ValueStore:
         window = 0 if self.window is None else self.window.numel() * self.window.element_size()
         return self._quantized.nbytes() + window
 
+    def allocated_nbytes(self) -> int:
+        """:meth:`nbytes` plus the quantized buffers' spare capacity."""
+        window = 0 if self.window is None else self.window.numel() * self.window.element_size()
+        return self._quantized.reserved_bytes() + window
+
     def quantized_nbytes(self) -> int:
         return self._quantized.nbytes()
 

@@ -72,6 +72,10 @@ def test_memory_default_shows_the_compressed_caches_smaller(tmp_path):
     assert data == _outputs(tmp_path, "memory_tiny")
     exact, qjl = data["results"]["exact"]["cache_bytes"], data["results"]["qjl"]["cache_bytes"]
     assert exact == sorted(exact) and qjl[-1] * 4 < exact[-1]
+    # the figure shows what each cache allocated (as a GPU's peak memory would): its data and more
+    allocated = data["results"]["qjl"]["allocated_bytes"]
+    assert data["measure"] == "bytes allocated by the cache"
+    assert all(a > b for a, b in zip(allocated, qjl)) and data["results"]["exact"]["allocated_bytes"] == exact
 
 
 def test_distortion_falls_with_sketch_size(tmp_path):
