@@ -147,6 +147,35 @@ def compress_prompt(cache) -> None:
             settle()
 
 
+METHODS = ("exact", "qjl", "kivi")
+
+
+@torch.no_grad()
+def time_model(model, ids, config, repeats: int, decode_steps: int) -> tuple[dict, dict]:
+    """Seconds of each method's prefill (per repeat) and decode steps (per repeat and step). The
+    methods' caches live side by side and their decode steps alternate (exact, qjl, kivi, exact, ...),
+    so that each round's ratio compares steps run moments apart: a shared machine's load drifts over
+    seconds, which a method's steps run one after another would take into its ratio."""
+    prefill, decode = {m: [] for m in METHODS}, {m: [] for m in METHODS}
+    for _ in range(repeats):
+        running = {}
+        for method in METHODS:
+            cache = models.make_cache(method, model.config, config)
+            kwargs = models.cache_kwargs(model, cache)
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, **kwargs)
+            compress_prompt(cache)
+            prefill[method].append(time.perf_counter() - start)
+            running[method] = (kwargs, out.logits[:, -1:].argmax(-1))
+        for _ in range(decode_steps):
+            for method, (kwargs, token) in running.items():
+                start = time.perf_counter()
+                out = model(input_ids=token, use_cache=True, **kwargs)
+                decode[method].append(time.perf_counter() - start)
+                running[method] = (kwargs, out.logits[:, -1:].argmax(-1))
+    return prefill, decode
+
+
 @torch.no_grad()
 def bench_model(token_counts, repeats, decode_steps=8):
     model, tokenizer = load_causal_lm(SMOLLM2)
@@ -155,21 +184,7 @@ def bench_model(token_counts, repeats, decode_steps=8):
     rows = []
     for tokens in token_counts:
         ids = ids_all[:, :tokens]
-        prefill, decode = {m: [] for m in ("exact", "qjl", "kivi")}, {m: [] for m in ("exact", "qjl", "kivi")}
-        for _ in range(repeats):
-            for method in prefill:
-                cache = models.make_cache(method, model.config, config)
-                kwargs = models.cache_kwargs(model, cache)
-                start = time.perf_counter()
-                out = model(input_ids=ids, use_cache=True, **kwargs)
-                compress_prompt(cache)
-                prefill[method].append(time.perf_counter() - start)
-                token = out.logits[:, -1:].argmax(-1)
-                for _ in range(decode_steps):
-                    start = time.perf_counter()
-                    out = model(input_ids=token, use_cache=True, **kwargs)
-                    decode[method].append(time.perf_counter() - start)
-                    token = out.logits[:, -1:].argmax(-1)
+        prefill, decode = time_model(model, ids, config, repeats, decode_steps)
         row = dict(tokens=tokens)
         for method in prefill:
             row[f"{method}_prefill_s"] = statistics.median(prefill[method])

@@ -114,3 +114,31 @@ def test_the_json_path_is_checked_before_the_benchmark(tmp_path, capsys, monkeyp
         assert exit_info.value.code == 2
         assert f"argument --json: {problem}" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_model_decode_steps_alternate_between_methods():
+    # Each method decoded its 8 steps in one go, so the load's drift over those seconds went into the
+    # decode ratio (0.85-1.03x at 4k from run to run); the steps now alternate, paired per round.
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    import models
+    from tiny import tiny_model, tokens
+
+    bench = _load()
+    model = tiny_model()
+    calls = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        calls.append((type(cache).__name__, kwargs["input_ids"].shape[1]))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    config = models.QJLConfig(buffer_size=32, group_size=16)
+    prefill, decode = bench.time_model(model, tokens(1, 80), config, repeats=2, decode_steps=3)
+    assert all(len(prefill[m]) == 2 and len(decode[m]) == 6 for m in bench.METHODS)
+    steps = [name for name, length in calls if length == 1]
+    assert steps == ["DynamicCache", "QJLCache", "KIVICache"] * 6
+    assert torch.is_grad_enabled()  # time_model's no_grad does not leak
