@@ -38,7 +38,7 @@ VARIANTS = {
 
 def parse_args(argv=None):
     return plot_runtime.parse_args(argv, description=__doc__, cpu_max_len=4096, variants=VARIANTS,
-                                   default_variant=("ours", "original"))
+                                   default_variant=("ours", "original"), timed=False)
 
 
 def main(argv=None) -> dict:

@@ -200,8 +200,10 @@ def unusable_methods(methods, preset: str, num_layers: int, qjl_config: models.Q
 
 
 def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048, variants: dict = VARIANTS,
-               default_variant: tuple[str, str] = ("original", "original"), output_prefix: str | None = None):
-    """Arguments shared with plot_memory_peak.py; defaults depend on the device.
+               default_variant: tuple[str, str] = ("original", "original"), output_prefix: str | None = None,
+               timed: bool = True):
+    """Arguments shared with plot_memory_peak.py (``timed=False``: no ``--repeats``, which only
+    timings use); defaults depend on the device.
 
     ``variants`` maps each ``--variant`` to the ``qjl_config`` and ``num_layers`` it implies;
     ``default_variant`` is the ``(CPU, GPU)`` default. Every argument is checked here, before any
@@ -221,13 +223,17 @@ def parse_args(argv=None, *, description: str = __doc__, cpu_max_len: int = 2048
     parser.add_argument("--max_len", type=positive_int,
                         help=f"default: {cpu_max_len} on CPU, 65536 on GPU (at most {MAX_LEN})")
     parser.add_argument("--new_tokens", type=positive_int, help="decode steps (default: the preset's)")
-    parser.add_argument("--repeats", type=positive_int, help="runs per point, median reported (default: 3 CPU, 10 GPU)")
+    if timed:
+        parser.add_argument("--repeats", type=positive_int,
+                            help="runs per point, median reported (default: 3 CPU, 10 GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the preset's")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N] (default: cuda if a GPU is available)")
     parser.add_argument("--qjl_config", help="QJLConfig preset JSON (default: the variant's)")
     parser.add_argument("--output_dir", default="results/runtime")
     args = parser.parse_args(argv)
+    if not timed:
+        args.repeats = 1  # one measurement per point
     gpu = torch.device(args.device).type == "cuda"
     # Fill only what was not given (None): a given value, 0 included, is the user's.
     defaults = dict(methods=list(DEFAULT_METHODS), preset="llama3-8b" if gpu else "tiny",

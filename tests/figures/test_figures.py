@@ -283,6 +283,7 @@ def _fake_sweep(monkeypatch, stop_at=None):
 
 
 SHORT_SWEEP = ["--device", "cpu", "--min_len", "16", "--max_len", "64", "--repeats", "1", "--new_tokens", "1"]
+SHORT_MEMORY_SWEEP = ["--device", "cpu", "--min_len", "16", "--max_len", "64", "--new_tokens", "1"]  # no --repeats: measured once
 
 
 def test_runtime_json_is_written_after_each_length(tmp_path, monkeypatch):
@@ -376,9 +377,9 @@ def test_methods_that_cannot_run_are_usage_errors_before_the_model(tmp_path, cap
         (["--qjl_config", str(exact_values), "--methods", "exact", "qjl", "kivi"],
          f"--qjl_config {exact_values}: kivi: method 'kivi' quantizes keys and values to 2 or 4 bits, got 16"),
     ):
-        for main in (plot_runtime.main, plot_memory_peak.main):
+        for main, sweep in ((plot_runtime.main, SHORT_SWEEP), (plot_memory_peak.main, SHORT_MEMORY_SWEEP)):
             with pytest.raises(SystemExit) as exit_info:
-                main([*SHORT_SWEEP, *argv, "--output_dir", str(tmp_path / "out")])
+                main([*sweep, *argv, "--output_dir", str(tmp_path / "out")])
             assert exit_info.value.code == 2
             err = capsys.readouterr().err
             assert "argument --methods: cannot run on preset tiny with --qjl_config " in err and message in err
@@ -541,3 +542,11 @@ def test_runtime_names_the_cpu_kernels_when_they_run(tmp_path):
         assert qjl_kernel.ops_label("cpu") == f"cpu kernels ({qjl_kernel.cpu_isa()})"
         data = plot_runtime.main([*SHORT_SWEEP, "--output_dir", str(tmp_path)])
         assert data["backend"] == f"cpu kernels ({qjl_kernel.cpu_isa()})"
+
+
+def test_memory_takes_no_repeats(capsys):
+    # --repeats (shared with the runtime plot) was accepted and ignored: memory is measured once per point
+    with pytest.raises(SystemExit) as exit_info:
+        plot_memory_peak.parse_args(["--device", "cpu", "--repeats", "5"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --repeats 5" in capsys.readouterr().err
+    assert plot_runtime.parse_args(["--device", "cpu", "--repeats", "5"]).repeats == 5
