@@ -19,8 +19,9 @@ e.g. "What is the pass key? The pass key is"), ``context``, ``answers`` (one str
 ``length`` (words of ``context``, as LongBench counts), ``all_classes`` (None), ``dataset`` and
 ``_id``. Prompt templates and max new tokens live in ``config/synthetic_dataset2prompt.json`` and
 ``config/synthetic_dataset2maxlen.json`` (LongBench's tables, for these tasks); both tasks are
-scored with LongBench's ``qa_f1_score`` (``config/synthetic_dataset2metric.json``), which is
-exact match here: the answer is one word and normalization drops the final period.
+scored with LongBench's ``qa_f1_score`` (``config/synthetic_dataset2metric.json``): the answer is
+one word, so an output of just that word (normalization drops a final period) scores 1 and one that
+says more scores the token F1 (``407. Remember it.`` scores 0.5).
 
 A record's requested ``length`` is measured in tokens of the full prompt (template filled in,
 BOS included) with the word-level tokenizer of ``tinylm`` (:func:`count_tokens` reproduces it
