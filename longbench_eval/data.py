@@ -126,14 +126,9 @@ ROW_SCHEMA = {
 CLASS_METRICS = (classification_score,)
 
 
-def _metric(dataset: str):
-    """The metric :func:`scoring.score_prediction` scores ``dataset`` with (None for an unknown name)."""
-    return scoring.DATASET_TO_METRIC.get(dataset) or scoring.SYNTHETIC_METRICS.get(dataset)
-
-
 def needs_classes(dataset: str) -> bool:
     """Whether ``dataset``'s metric matches predictions against the row's ``all_classes``."""
-    return _metric(dataset) in CLASS_METRICS
+    return scoring.metric_for(dataset) in CLASS_METRICS
 
 
 def _shown(value) -> str:
@@ -151,19 +146,19 @@ def check_row(row: dict, where: str, dataset: str | None = None) -> None:
     for field, (ok, what) in ROW_SCHEMA.items():
         if field in row and not (field == "_id" and row[field] is None) and not ok(row[field]):
             raise ValueError(f"{where}: field {field!r} must be {what}, got {_shown(row[field])}")
-    if dataset is not None and needs_classes(dataset):
+    metric = scoring.metric_for(dataset) if dataset is not None else None
+    if metric in CLASS_METRICS:
         classes = row.get("all_classes")
         if not (_is_str_list(classes) and classes):
             got = _shown(classes) if "all_classes" in row else "no such field"
             raise ValueError(f"{where}: field 'all_classes' must be a non-empty list of strings for {dataset} (its "
-                             f"metric, {_metric(dataset).__name__}, looks for the class names in the prediction), "
-                             f"got {got}")
-    pattern = ANSWER_PATTERNS.get(_metric(dataset)) if dataset is not None else None
+                             f"metric, {metric.__name__}, looks for the class names in the prediction), got {got}")
+    pattern = ANSWER_PATTERNS.get(metric)
     if pattern is not None:
         for answer in row["answers"]:
             if not pattern.search(answer):
                 raise ValueError(f"{where}: every answer of {dataset} must contain {pattern.pattern!r} (its metric, "
-                                 f"{_metric(dataset).__name__}, reads what it scores from that), got {answer!r}")
+                                 f"{metric.__name__}, reads what it scores from that), got {answer!r}")
 
 
 @dataclass(frozen=True)

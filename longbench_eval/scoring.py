@@ -17,12 +17,20 @@ SYNTHETIC_METRICS = {name: getattr(metrics, metric) for name, metric in _read(CO
 LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
 
 
+def metric_for(dataset: str):
+    """The metric ``dataset`` is scored with (LongBench's table, then this project's tasks); None
+    for a name neither knows."""
+    return DATASET_TO_METRIC.get(dataset) or SYNTHETIC_METRICS.get(dataset)
+
+
 def score_prediction(dataset: str, prediction: str, answers: Sequence[str], all_classes=None) -> float:
     """Max of the dataset's metric over the reference answers (0 when there are none); trec,
     triviaqa, samsum and lsht score only the first line after leading newlines."""
     if dataset in FIRST_LINE_DATASETS:
         prediction = prediction.lstrip("\n").split("\n")[0]
-    metric = DATASET_TO_METRIC.get(dataset) or SYNTHETIC_METRICS[dataset]
+    metric = metric_for(dataset)
+    if metric is None:
+        raise KeyError(dataset)
     score = 0.0
     for answer in answers:
         score = max(score, metric(prediction, answer, all_classes=all_classes))
