@@ -46,7 +46,6 @@ from cli_io import check_output_paths, interruptible, write_json_atomic
 from longbench_eval.records import DirectoryLock
 from figures import save_figure
 from models.accounting import FP16_BITS, qjl_bit_report
-from models.cache import CompressedLayer
 from models.config import QJLConfig
 from real_text import stdlib_text
 
@@ -253,7 +252,7 @@ def memory_fields(config: SweepConfig, cache) -> dict:
     report = models.memory_report(cache)
     # the compressed layers' bits, as memory_report and longbench.py count them (exact sliding-window
     # layers are left out; a model with none compressed stores everything exactly: the fp16 baseline)
-    compressed = [m for m, layer in zip(report.layers, cache.layers) if isinstance(layer, CompressedLayer)]
+    compressed = [m for m in report.layers if m.compressed]
     if config.method == "exact" or not compressed:
         bits = dict(kv_bits_per_channel=float(FP16_BITS), key_bits_per_channel=float(FP16_BITS),
                     value_bits_per_channel=float(FP16_BITS), nominal_kv_bits_fp16=float(FP16_BITS))

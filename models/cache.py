@@ -195,11 +195,15 @@ class CompressedLayer(CacheLayerMixin):
     def _later_rows_see_more_compressed(self, start: int, length: int) -> bool:
         """Whether a row after the first of a step of ``length`` tokens from position ``start`` (already
         appended) sees keys or values compressed that the first row sees exact: a row completes a key
-        block, or the window holds a value that a later row sees quantized (as :meth:`_attend_fused`)."""
+        block, or the window holds a value that a later row sees quantized."""
         buffer = self.key_store.buffer_size
-        keys_differ = (start + length) // buffer > (start + 1) // buffer
+        return (start + length) // buffer > (start + 1) // buffer or self._later_rows_quantize_window_values()
+
+    def _later_rows_quantize_window_values(self) -> bool:
+        """Whether a row after the step's first sees some of the window's values (already appended)
+        quantized: the window holds more than ``buffer_size`` values besides the newest."""
         values = self.value_store
-        return keys_differ or (values.bits != 16 and values.num_window - 1 > values.buffer_size)
+        return values.bits != 16 and values.num_window - 1 > values.buffer_size
 
     def _observed_validity(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
         """bool ``[B, L]``: which of the step's new tokens are real, under an attention function
@@ -339,7 +343,7 @@ class CompressedLayer(CacheLayerMixin):
         length, total = query.shape[2], keys.seq_len
         if ((start + length) // keys.buffer_size) * keys.buffer_size > keys.num_committed:
             return None  # a row that completes a block sees residual keys compressed
-        if values.bits != 16 and values.num_window - 1 > values.buffer_size:
+        if self._later_rows_quantize_window_values():
             return None  # a row past the first sees the oldest window values quantized
         mask = _step_mask(attention_mask, total)
         if mask is False:
@@ -465,7 +469,7 @@ class ExactSlidingWindowLayer(DynamicSlidingWindowLayer):
         held = [t for t in (self.keys, self.values) if t is not None and t.numel()]
         nbytes = sum(t.numel() * t.element_size() for t in held)
         bits = 8 * held[0].element_size() if held else None
-        return LayerMemory(bits, bits, nbytes, sum(2 * t.numel() for t in held))
+        return LayerMemory(bits, bits, nbytes, sum(2 * t.numel() for t in held), compressed=False)
 
 
 def layer_windows(config: PreTrainedConfig) -> list[int | None]:
@@ -578,7 +582,7 @@ class _CompressedCache(Cache):
         not in the bits of the compressed part; a model whose every layer slides compresses nothing,
         and its bits are those of the exact tensors it holds."""
         layers = tuple(layer.memory() for layer in self.layers)
-        compressed = tuple(m for m, layer in zip(layers, self.layers) if isinstance(layer, CompressedLayer))
+        compressed = tuple(m for m in layers if m.compressed)
         basis = compressed or layers  # (the nominal bits only while the cache is empty)
         bits = MemoryReport.from_layers(basis, fallback_bits=self.nominal_bits_per_channel()).bits_per_channel
         sketches = {id(layer.key_store.sketch): layer.key_store.sketch for layer in self.layers

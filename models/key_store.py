@@ -145,14 +145,15 @@ class KeyStore:
         return self._committed.nbytes()
 
     def nbytes(self) -> int:
-        residual = 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
-        return self._committed.nbytes() + residual
+        return self._committed.nbytes() + self._residual_nbytes()
 
     def allocated_nbytes(self) -> int:
         """:meth:`nbytes` plus the committed buffers' spare capacity and the residual's padding flags."""
-        residual = 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
         valid = 0 if self.residual_valid is None else self.residual_valid.numel()
-        return self._committed.reserved_bytes() + residual + valid
+        return self._committed.reserved_bytes() + self._residual_nbytes() + valid
+
+    def _residual_nbytes(self) -> int:
+        return 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
 
     def reorder_batch(self, index: torch.Tensor) -> None:
         self._committed.apply(lambda t: t.index_select(0, index.to(t.device)))

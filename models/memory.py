@@ -10,14 +10,15 @@ from dataclasses import dataclass
 class LayerMemory:
     """One layer: bits per channel of its compressed keys and values (while nothing is compressed,
     of the exact tensors held: their dtype's bits; None while empty), bytes of the data held, bytes
-    an fp16 cache would hold for the same tokens, and bytes allocated (the data plus the spare
-    capacity of buffers grown by doubling; None: the same as ``nbytes``)."""
+    an fp16 cache would hold for the same tokens, bytes allocated (the data plus the spare capacity
+    of buffers grown by doubling; None: the same as ``nbytes``) and whether the layer is compressed."""
 
     key_bits_per_channel: float | None
     value_bits_per_channel: float | None
     nbytes: int
     fp16_nbytes: int
     allocated_nbytes: int | None = None
+    compressed: bool = True  # False: a layer a compressed cache keeps exact (a sliding window)
 
     @property
     def allocated(self) -> int:

@@ -79,13 +79,14 @@ class ValueStore:
             self.window = self.window[:, :, :-count]
 
     def nbytes(self) -> int:
-        window = 0 if self.window is None else self.window.numel() * self.window.element_size()
-        return self._quantized.nbytes() + window
+        return self._quantized.nbytes() + self._window_nbytes()
 
     def allocated_nbytes(self) -> int:
         """:meth:`nbytes` plus the quantized buffers' spare capacity."""
-        window = 0 if self.window is None else self.window.numel() * self.window.element_size()
-        return self._quantized.reserved_bytes() + window
+        return self._quantized.reserved_bytes() + self._window_nbytes()
+
+    def _window_nbytes(self) -> int:
+        return 0 if self.window is None else self.window.numel() * self.window.element_size()
 
     def quantized_nbytes(self) -> int:
         return self._quantized.nbytes()
